@@ -1,0 +1,37 @@
+"""progtuning — progressive fine-tuning (Progtuning, arXiv 2506.21119) for Hugging Face models.
+
+Split a model's blocks into T parts; stage t trains parts t..T plus the head, so the lower parts
+freeze one by one and the higher blocks train longest::
+
+    from progtuning import ProgtuningCallback
+    trainer = Trainer(model, args, train_dataset=train, callbacks=[ProgtuningCallback()])
+    trainer.train()
+
+or, in a plain PyTorch loop, :class:`ProgressiveFreezer` with a :func:`progressive` schedule.
+"""
+
+from .blocks import BlockLayout, find_blocks
+from .callback import ProgtuningCallback
+from .counting import Accounting, count_updates, plan_updates
+from .errors import ProgtuningError
+from .freezing import ProgressiveFreezer, release_optimizer_state
+from .schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
+
+__all__ = [
+    "Accounting",
+    "BlockLayout",
+    "ProgressiveFreezer",
+    "ProgtuningCallback",
+    "ProgtuningError",
+    "Schedule",
+    "Stage",
+    "count_updates",
+    "explicit",
+    "find_blocks",
+    "no_progtuning",
+    "plan_updates",
+    "progressive",
+    "release_optimizer_state",
+    "split_into_parts",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""Where are the embeddings, the blocks and the head of *this* model?
+
+:func:`find_blocks` maps every parameter of a Hugging Face model (plain, or wrapped by peft) to one
+of three groups: ``"embeddings"``, a block index (0 = bottom), or ``"head"``.
+
+How it decides, in order:
+
+1. **Blocks** are the model's stack of repeated layers: the outermost ``nn.ModuleList`` whose
+   children all share one class (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, …).
+   Encoder–decoder models have two stacks; they are ordered as data flows, encoder blocks first
+   (0 … n−1), then decoder blocks (n … 2n−1), so progressive freezing freezes the encoder bottom-up
+   and then the decoder bottom-up. Anything else takes a dotted path (``blocks="encoder.layer"``).
+2. **Head** is everything on the output side of the stack: task heads (``classifier``,
+   ``pre_classifier``, ``pooler``, ``score``, ``qa_outputs``, ``classification_head``,
+   ``lm_head``) and the final norms after the last block (``ln_f``, ``norm``,
+   ``final_layer_norm``). The pooler counts as head: it sits on the classification path.
+3. **Embeddings** are all the rest: token/position embeddings and their norm, embedding
+   projections (ELECTRA), and tables shared by every block (MPNet's relative attention bias).
+
+Tied weights appear once, under their first name (``named_parameters`` de-duplicates them).
+ALBERT shares one block across all layers, so it cannot be frozen part by part: it is refused.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, Union
+
+from torch import nn
+
+from .errors import ProgtuningError
+
+Group = Union[str, int]  # "embeddings", "head" or a block index
+EMBEDDINGS = "embeddings"
+HEAD = "head"
+
+# Module names that put a parameter on the output side of the block stack.
+HEAD_MODULE_NAMES = frozenset(
+    {
+        "classifier",
+        "pre_classifier",
+        "pooler",
+        "score",
+        "qa_outputs",
+        "classification_head",
+        "lm_head",
+        "cls",
+        "sequence_summary",
+        "ln_f",
+        "norm",
+        "final_layer_norm",
+    }
+)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The three groups of one model, by parameter name (names as ``model.named_parameters()`` gives)."""
+
+    block_paths: tuple[str, ...]  # module path of each block, bottom to top
+    groups: dict[str, Group] = field(repr=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_paths)
+
+    def names(self, group: Group) -> list[str]:
+        return [name for name, g in self.groups.items() if g == group]
+
+    def block_of(self, name: str) -> int | None:
+        group = self.groups[name]
+        return group if isinstance(group, int) else None
+
+    def summary(self, model: nn.Module) -> dict[str, int]:
+        """Parameter counts: embeddings, each block, head (all parameters, trainable or not)."""
+        sizes = dict(model.named_parameters())
+        counts: Counter = Counter()
+        for name, group in self.groups.items():
+            key = f"block {group}" if isinstance(group, int) else group
+            counts[key] += sizes[name].numel()
+        return dict(counts)
+
+
+def find_blocks(
+    model: nn.Module,
+    blocks: str | Sequence[str] | None = None,
+    head: Iterable[str] = (),
+) -> BlockLayout:
+    """Locate the embeddings, the ordered blocks and the head of ``model``.
+
+    ``blocks`` overrides discovery with one dotted module path (or several, concatenated in
+    order) naming ``nn.ModuleList``\\ s of blocks, relative to ``model`` or to the model peft wraps.
+    ``head`` adds module names (path components) that count as head.
+    """
+    _refuse_shared_blocks(model)
+    if blocks is not None:
+        paths = [blocks] if isinstance(blocks, str) else list(blocks)
+        stacks = [_resolve_stack(model, path) for path in paths]
+    else:
+        stacks = _discover_stacks(model)
+    block_paths = tuple(f"{prefix}.{i}" for prefix, stack in stacks for i in range(len(stack)))
+    head_names = HEAD_MODULE_NAMES | set(head)
+    index_of = {path: i for i, path in enumerate(block_paths)}
+    groups: dict[str, Group] = {}
+    for name, _ in model.named_parameters():
+        groups[name] = _group_of(name, index_of, head_names)
+    return BlockLayout(block_paths=block_paths, groups=groups)
+
+
+def _group_of(name: str, index_of: dict[str, int], head_names: set[str]) -> Group:
+    parts = name.split(".")
+    # The longest module path that is a block wins; blocks are never nested in one another.
+    for end in range(len(parts) - 1, 0, -1):
+        index = index_of.get(".".join(parts[:end]))
+        if index is not None:
+            return index
+    if any(part in head_names for part in parts[:-1]):
+        return HEAD
+    return EMBEDDINGS
+
+
+def _module_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Outermost ModuleLists of one repeated class that hold parameters."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(True for _ in module.parameters()):
+            continue
+        found.append((name, module))
+    return found
+
+
+def _discover_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    stacks = _module_lists(model)
+    if len(stacks) == 1:
+        return stacks
+    encoder = [s for s in stacks if ".encoder." in f".{s[0]}."]
+    decoder = [s for s in stacks if ".decoder." in f".{s[0]}."]
+    if len(stacks) == 2 and len(encoder) == 1 and len(decoder) == 1:
+        return encoder + decoder  # data flows through the encoder first
+    found = ", ".join(f"{name} ({len(m)} x {type(m[0]).__name__})" for name, m in stacks) or "none"
+    raise ProgtuningError(
+        f"cannot tell which module list holds the blocks of {type(model).__name__} (found: {found}); "
+        "name it with blocks='dotted.path' (--blocks on the command line)"
+    )
+
+
+def _resolve_stack(model: nn.Module, path: str) -> tuple[str, nn.ModuleList]:
+    modules = dict(model.named_modules())
+    # Let a user write the path as the unwrapped model sees it, even when peft wraps the model.
+    for prefix in ("", "base_model.model.", "base_model."):
+        module = modules.get(prefix + path)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return prefix + path, module
+    lists = ", ".join(name for name, _ in _module_lists(model)) or "none"
+    raise ProgtuningError(f"no module list of blocks at {path!r} in {type(model).__name__}; module lists found: {lists}")
+
+
+def _refuse_shared_blocks(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "albert":
+        groups = getattr(config, "num_hidden_groups", 1)
+        raise ProgtuningError(
+            f"ALBERT shares {groups} block(s) across its {config.num_hidden_layers} layers, so its layers "
+            "cannot be frozen one part at a time: use a model with separate blocks (BERT, RoBERTa, MiniLM, ...)"
+        )
