@@ -47,11 +47,18 @@ HEAD_MODULE_NAMES = frozenset(
         "lm_head",
         "cls",
         "sequence_summary",
+        "head",  # ModernBERT's prediction head
+        "logits_proj",  # XLNet
         "ln_f",
         "norm",
         "final_layer_norm",
+        "final_norm",  # ModernBERT
     }
 )
+
+# A parameter under a module with this name is embeddings even where a head name follows
+# (ModernBERT's `embeddings.norm`).
+EMBEDDING_MODULE_NAMES = frozenset({"embeddings"})
 
 
 @dataclass(frozen=True)
@@ -100,22 +107,26 @@ def find_blocks(
     else:
         stacks = _discover_stacks(model)
     block_paths = tuple(f"{prefix}.{i}" for prefix, stack in stacks for i in range(len(stack)))
-    head_names = HEAD_MODULE_NAMES | set(head)
     index_of = {path: i for i, path in enumerate(block_paths)}
     groups: dict[str, Group] = {}
     for name, _ in model.named_parameters():
-        groups[name] = _group_of(name, index_of, head_names)
+        groups[name] = _group_of(name, index_of, set(head))
     return BlockLayout(block_paths=block_paths, groups=groups)
 
 
-def _group_of(name: str, index_of: dict[str, int], head_names: set[str]) -> Group:
+def _group_of(name: str, index_of: dict[str, int], user_head_names: set[str]) -> Group:
     parts = name.split(".")
     # The longest module path that is a block wins; blocks are never nested in one another.
     for end in range(len(parts) - 1, 0, -1):
         index = index_of.get(".".join(parts[:end]))
         if index is not None:
             return index
-    if any(part in head_names for part in parts[:-1]):
+    modules = parts[:-1]
+    if any(part in user_head_names for part in modules):
+        return HEAD
+    if any(part in EMBEDDING_MODULE_NAMES for part in modules):
+        return EMBEDDINGS
+    if any(part in HEAD_MODULE_NAMES for part in modules):
         return HEAD
     return EMBEDDINGS
 

@@ -10,20 +10,23 @@ Drop it into any ``Trainer``::
   (``on_step_begin`` runs once per update, so gradient accumulation is respected), which also
   makes ``resume_from_checkpoint`` re-apply the right stage.
 * Each log line gets ``progtuning_stage`` and ``trainable_params``.
-* ``on_save`` writes ``progtuning_state.json`` into the checkpoint folder (schedule, layout,
-  stage); a resume checks the checkpoint was made by the same schedule on the same model.
+* The schedule, block layout and current stage travel in every checkpoint's
+  ``trainer_state.json`` (``stateful_callbacks["progtuning"]``); a resume checks the checkpoint
+  was made by the same schedule on the same model.
 
-We deliberately don't use the Trainer's ``ExportableState``: on resume it rebuilds the callback
-from the checkpoint's arguments, which would silently replace the user's schedule with the old one.
+That entry is deliberately not an ``ExportableState`` (keyed by class name): with
+``restore_callback_states_from_checkpoint`` the Trainer would rebuild the callback from the
+checkpoint's arguments and silently replace the user's schedule with the old one.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import time
 from dataclasses import dataclass, field
 
+import psutil
+import torch
 from transformers import TrainerCallback
 
 from .blocks import find_blocks
@@ -31,7 +34,10 @@ from .errors import ProgtuningError
 from .freezing import ProgressiveFreezer, StageChange
 from .schedule import EmbeddingPolicy, Schedule, Unit, progressive
 
-STATE_FILE = "progtuning_state.json"
+# Our entry in TrainerState.stateful_callbacks: it is saved in every checkpoint's trainer_state.json and
+# comes back with it on resume, wherever the checkpoint lies (not a callback class name, so the Trainer
+# never rebuilds the callback from it).
+STATE_KEY = "progtuning"
 
 
 @dataclass
@@ -45,6 +51,8 @@ class StageRecord:
     start_time: float = field(default_factory=time.perf_counter)
     wall_time_s: float | None = None
     losses: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0  # resident memory of this process, sampled after every step
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over the stage
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +62,8 @@ class StageRecord:
             "trainable_params": self.trainable_params,
             "wall_time_s": self.wall_time_s,
             "mean_train_loss": sum(self.losses) / len(self.losses) if self.losses else None,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1),
         }
 
 
@@ -86,6 +96,7 @@ class ProgtuningCallback(TrainerCallback):
         self.total_steps = 0
         self.records: list[StageRecord] = []
         self.changes: list[StageChange] = []
+        self._process = psutil.Process()
 
     # -- Trainer events ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -93,22 +104,39 @@ class ProgtuningCallback(TrainerCallback):
         self.steps_per_epoch = _updates_per_epoch(train_dataloader, args, state)
         layout = find_blocks(model, blocks=self.blocks)
         if self.schedule is None:
-            stages = self.num_stages or max(1, int(round(args.num_train_epochs)))
+            # The run's epochs as the Trainer counts them (max_steps wins over num_train_epochs).
+            epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+            stages = self.num_stages or max(1, epochs)
             self.schedule = progressive(layout.num_blocks, stages, self.embeddings, self.unit)
         if self.freezer is not None:
+            # A second train(): hand back what the last run froze, or the new freezer would take it
+            # for frozen by the method and never train it again.
+            self.freezer.restore()
             self.freezer.close()
         self.freezer = ProgressiveFreezer(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
         if state.global_step > 0:
             self._check_resume(args, state)
+        state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         change = self.freezer.apply_for_step(state.global_step, self.steps_per_epoch, self.total_steps, optimizer)
         if change is None:
             return
         if change.stage != change.previous:
+            state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
             self._close_record(state.global_step)
             self.records.append(StageRecord(change.stage, state.global_step, trainable_params=change.trainable_params))
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
         self.changes.append(change)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.records:
+            return
+        record = self.records[-1]
+        record.peak_rss_mb = max(record.peak_rss_mb, self._process.memory_info().rss / 2**20)
+        if torch.cuda.is_available():
+            record.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.freezer is None or self.freezer.stage_index is None or logs is None:
@@ -116,44 +144,30 @@ class ProgtuningCallback(TrainerCallback):
         extra = {"progtuning_stage": self.freezer.stage_index, "trainable_params": self.records[-1].trainable_params}
         if "loss" in logs and self.records:
             self.records[-1].losses.append(float(logs["loss"]))
-        logs.update(extra)
-        # The Trainer appended its own copy of `logs` to the history before calling us.
+        # Only the Trainer's history gets the stage: `logs` is also what evaluate() returns.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(folder) or not state.is_world_process_zero:
-            return
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump(self.state_dict(state.global_step), f, indent=2)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close_record(state.global_step)
 
     # -- state -----------------------------------------------------------------------------------
-    def state_dict(self, global_step: int) -> dict:
+    def stage_records(self) -> list[dict]:
+        return [record.to_dict() for record in self.records]
+
+    def _resume_check_data(self) -> dict:
         return {
-            "global_step": global_step,
             "stage": self.freezer.stage_index,
             "schedule": self.schedule.to_dict(),
             "schedule_fingerprint": self.schedule.fingerprint(),
             "block_paths": list(self.freezer.layout.block_paths),
-            "method_trainable": len(self.freezer.method_trainable),
         }
 
-    def stage_records(self) -> list[dict]:
-        return [record.to_dict() for record in self.records]
-
     def _check_resume(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-        if not os.path.exists(path):
-            return  # a checkpoint from a run without progtuning, or one the user moved: nothing to check
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            raise ProgtuningError(f"cannot read {path} ({error}): the checkpoint is corrupt, resume from an earlier one")
+        # `state` was loaded from the checkpoint's trainer_state.json, wherever the checkpoint lies.
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if saved is None:
+            return  # a checkpoint from a run without Progtuning: nothing to compare against
         if saved.get("schedule_fingerprint") != self.schedule.fingerprint():
             raise ProgtuningError(
                 f"the checkpoint at step {state.global_step} was made with another schedule "

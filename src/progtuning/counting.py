@@ -106,9 +106,9 @@ def plan_updates(freezer: ProgressiveFreezer, epochs: int | None = None) -> Acco
     if schedule.unit == "epoch":
         lengths = schedule.stage_lengths(steps_per_epoch=1, total_steps=epochs)
     else:
-        # Fractions of the run: measure them on a fine step grid so the lengths are exact ratios.
-        grid = 1_000_000
-        lengths = schedule.stage_lengths(steps_per_epoch=grid, total_steps=grid)
+        # Fractions of the run: each stage lasts from its start to the next one's (the last to 1).
+        starts = [stage.start for stage in schedule.stages] + [1.0]
+        lengths = [starts[i + 1] - starts[i] for i in range(schedule.num_stages)]
     return count_updates(freezer, lengths, epochs=epochs)
 
 

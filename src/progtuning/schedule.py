@@ -238,6 +238,8 @@ def _validate(schedule: Schedule, num_starts: int | None = None) -> None:
                 f"stage {stage.index} names block(s) {bad} but the model has blocks 0..{schedule.num_blocks - 1}"
             )
     starts = [stage.start for stage in schedule.stages]
+    if not all(math.isfinite(s) for s in starts):
+        raise ProgtuningError(f"stage starts must be finite numbers, got {starts}")
     if starts[0] != 0:
         raise ProgtuningError(f"the first stage must start at 0, got {starts[0]}")
     if any(b <= a for a, b in zip(starts, starts[1:])):
