@@ -1,0 +1,231 @@
+"""One experiment's settings: a dataclass that is at once the YAML schema, the CLI overrides and the
+resolved config saved in ``results.json``.
+
+A YAML config's first line is a comment with the exact command that runs it::
+
+    # progtuning train configs/rotten-tomatoes/minilm-l6.yaml
+    task: rotten-tomatoes
+    model: minilm-l6
+    epochs: 3
+
+Any key can be overridden on the command line (``--epochs 4 --method lora``); booleans take
+``--flag`` / ``--no-flag``. Configs are read with ``yaml.safe_load``: a Python object tag is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ProgtuningError
+from .schedule import EMBEDDING_POLICIES, UNITS
+
+METHODS = ("full", "lora", "adapter", "bitfit", "peft")  # peft: any peft method from --peft-config
+
+
+def _help(text: str, default: Any = None, **kwargs) -> Any:
+    if "default_factory" in kwargs:
+        return field(default_factory=kwargs["default_factory"], metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train on --
+    task: str = _help("task: a built-in task (rotten-tomatoes, trec6, ...), a GLUE task (sst2, mnli, ...), "
+                      "squad / squad_v2, or 'files' with train_file", "rotten-tomatoes")
+    model: str = _help("model alias (minilm-l6, minilm-l3, mpnet-base, smollm2-135m), local folder or hub id", "minilm-l6")
+    data_dir: Optional[str] = _help("local GLUE task folder / SQuAD JSON folder instead of the hub")
+    train_file: Optional[str] = _help("task 'files': CSV/TSV/JSONL training file")
+    validation_file: Optional[str] = _help("task 'files': validation file (default: 10% of train, seeded)")
+    test_file: Optional[str] = _help("task 'files': test file, scored once at the end")
+    text_column: str = _help("task 'files': text column", "text")
+    text_pair_column: Optional[str] = _help("task 'files': second text column for pair tasks")
+    label_column: str = _help("task 'files': label column", "label")
+    task_type: str = _help("task 'files': classification or regression", "classification")
+    max_train_examples: Optional[int] = _help("subsample the training set (seeded) to this many examples")
+    max_eval_examples: Optional[int] = _help("subsample validation and test to this many examples")
+    max_length: int = _help("maximum tokens per example (SQuAD: window length)", 128)
+    doc_stride: int = _help("SQuAD: overlap between windows of a long context", 128)
+    # -- the fine-tuning method --
+    method: str = _help("full | lora | adapter | bitfit | peft (with peft_config)", "full")
+    lora_r: int = _help("LoRA rank", 8)
+    lora_alpha: int = _help("LoRA alpha", 16)
+    lora_dropout: float = _help("LoRA dropout", 0.1)
+    lora_target_modules: Optional[list] = _help("LoRA target modules (default: the attention query/value of the architecture)")
+    peft_config: Optional[str] = _help("path to a peft config JSON: any other peft method")
+    adapter_type: str = _help("bottleneck adapter: houlsby (two per block) or pfeiffer (one)", "houlsby")
+    adapter_reduction_factor: int = _help("bottleneck size = hidden / this", 16)
+    adapter_train_layernorm: Optional[bool] = _help("train the blocks' LayerNorms with adapters (default: houlsby yes, pfeiffer no)")
+    # -- Progtuning --
+    progtuning: bool = _help("progressive freezing on (off = the baseline run with everything else equal)", True)
+    stages: Optional[int] = _help("number of parts/stages T (default: epochs)")
+    embeddings: str = _help("embeddings train: always | first_stage | never", "always")
+    stage_unit: str = _help("stage boundaries per epoch or per fraction of optimizer steps", "epoch")
+    stage_blocks: Optional[list] = _help("explicit stages: a list of block-index lists (growing, top-down, custom)")
+    blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
+    eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
+    cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
+    # -- optimisation --
+    epochs: float = _help("training epochs", 3)
+    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)
+    learning_rate: float = _help("peak learning rate (AdamW, linear decay)", 5e-5)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    warmup_ratio: float = _help("fraction of steps for linear warm-up", 0.0)
+    batch_size: int = _help("training batch size per device", 32)
+    eval_batch_size: int = _help("evaluation batch size", 64)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
+    max_grad_norm: float = _help("gradient clipping norm", 1.0)
+    seed: int = _help("seed for initialisation, data order and subsampling", 0)
+    threads: Optional[int] = _help("torch CPU threads (default: torch's choice)")
+    # -- output --
+    output_dir: str = _help("run folder: model, tokenizer, results.json", "runs/default")
+    overwrite: bool = _help("replace an existing non-empty output_dir", False)
+    resume: bool = _help("continue from the last checkpoint in output_dir", False)
+    save_checkpoints: bool = _help("keep a checkpoint at every epoch (needed for --resume)", True)
+    save_model: bool = _help("save the fine-tuned model and tokenizer at the end", True)
+    logging_steps: int = _help("log the training loss every N steps", 10)
+    trust_remote_code: bool = _help("allow model code from the hub (off: only transformers' own code runs)", False)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ProgtuningError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.embeddings not in EMBEDDING_POLICIES:
+            raise ProgtuningError(f"unknown embeddings policy {self.embeddings!r}: use one of {', '.join(EMBEDDING_POLICIES)}")
+        if self.stage_unit not in UNITS:
+            raise ProgtuningError(f"unknown stage_unit {self.stage_unit!r}: use one of {', '.join(UNITS)}")
+        if self.task_type not in ("classification", "regression"):
+            raise ProgtuningError(f"unknown task_type {self.task_type!r}: use classification or regression")
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise ProgtuningError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ProgtuningError("set epochs > 0 or max_steps > 0")
+        if self.learning_rate <= 0:
+            raise ProgtuningError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.stages is not None and self.stages < 1:
+            raise ProgtuningError(f"stages must be at least 1, got {self.stages}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (optional), apply overrides, coerce types and validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_yaml(path))
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ProgtuningError(
+            f"unknown config key(s) {', '.join(unknown)}: see `progtuning train --help` for the valid keys"
+        )
+    config = TrainConfig(**{key: coerce(key, value) for key, value in values.items()})
+    config.validate()
+    return config
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ProgtuningError(f"cannot read config {path}: {error.strerror}; check the path")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        first = str(error).splitlines()[0]
+        raise ProgtuningError(f"config {path} is not valid (safe) YAML: {first}; fix the file (Python tags are refused)")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ProgtuningError(f"config {path} must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or explain what was expected."""
+    if key not in FIELDS:
+        raise ProgtuningError(f"unknown config key {key!r}: see `progtuning train --help` for the valid keys")
+    hint = _TYPES[key]
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ProgtuningError(f"config key {key} needs a value")
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1", "on"):
+                    return True
+                if value.lower() in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+                if isinstance(value, str):
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise ProgtuningError(f"config key {key} expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``['--epochs', '4', '--no-progtuning', '--overwrite']`` → ``{'epochs': '4', 'progtuning': False, ...}``."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ProgtuningError(f"unexpected argument {token!r}: overrides look like --key value")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            overrides[key] = value
+            i += 1
+            continue
+        is_bool = key in FIELDS and _TYPES[key] in (bool, Optional[bool])
+        negated = key.startswith("no_") and key[3:] in FIELDS and _TYPES[key[3:]] in (bool, Optional[bool])
+        if negated:
+            overrides[key[3:]] = False
+            i += 1
+        elif is_bool and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
+            overrides[key] = True
+            i += 1
+        else:
+            if i + 1 == len(tokens):
+                raise ProgtuningError(f"--{key.replace('_', '-')} needs a value")
+            overrides[key] = tokens[i + 1]
+            i += 2
+    return overrides
+
+
+def config_help() -> str:
+    """One line per key, for ``--help``."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"  --{f.name.replace('_', '-'):<28} {f.metadata.get('help', '')} [{default}]")
+    return "\n".join(lines)
