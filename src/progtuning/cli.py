@@ -19,12 +19,18 @@ from .errors import ProgtuningError
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
+    rest: list[str] = []
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
+        # `train [CONFIG] --any-config-key value ...`: the keys come from TrainConfig, not argparse,
+        # which would take an override's value for the positional CONFIG.
+        has_config = len(argv) > 1 and not argv[1].startswith("--")
+        args = parser.parse_args(argv[: 2 if has_config else 1])
+        rest = argv[2 if has_config else 1 :]
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if rest and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.handler(args, rest) or 0
     except ProgtuningError as error:

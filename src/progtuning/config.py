@@ -48,6 +48,8 @@ class TrainConfig:
     text_pair_column: Optional[str] = _help("task 'files': second text column for pair tasks")
     label_column: str = _help("task 'files': label column", "label")
     task_type: str = _help("task 'files': classification or regression", "classification")
+    num_labels: Optional[int] = _help("task 'files': number of classes, when labels are ids 0..K-1 (checks the range)")
+    label_names: Optional[list] = _help("task 'files': class names in id order")
     max_train_examples: Optional[int] = _help("subsample the training set (seeded) to this many examples")
     max_eval_examples: Optional[int] = _help("subsample validation and test to this many examples")
     max_length: int = _help("maximum tokens per example (SQuAD: window length)", 128)
@@ -200,9 +202,9 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         token = tokens[i]
         if not token.startswith("--"):
             raise ProgtuningError(f"unexpected argument {token!r}: overrides look like --key value")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
+        key, has_value, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if has_value:
             overrides[key] = value
             i += 1
             continue

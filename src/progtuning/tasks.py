@@ -71,6 +71,8 @@ def load_text_task(config) -> tuple[TextTask, "DatasetDict"]:
             text_pair_column=config.text_pair_column,
             label_column=config.label_column,
             task_type=config.task_type,
+            label_names=config.label_names,
+            num_labels=config.num_labels,
         )
     elif name in builtin.BUILTIN_TASKS:
         # Stratified subsets; the evaluation subset is drawn with a fixed seed, so runs with
