@@ -17,6 +17,7 @@ outside the Trainer (:mod:`progtuning.squad`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -32,10 +33,20 @@ import numpy as np
 import torch
 
 from .callback import ProgtuningCallback
+from .prefix_cache import (
+    ExampleIndexCollator,
+    FrozenPrefixCache,
+    PrefixCacheCallback,
+    add_example_index,
+    input_reason,
+    unsupported_reason,
+)
 from .config import TrainConfig
 from .counting import count_updates
 from .errors import ProgtuningError
 from .schedule import Schedule, explicit, no_progtuning, progressive
+
+logger = logging.getLogger("progtuning")
 
 RESULTS_FILE = "results.json"
 CHECKPOINTS = "checkpoints"
@@ -75,14 +86,20 @@ def run(config: TrainConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     prepared = prepare(config)
-    if config.overwrite and output_dir.exists() and not config.resume:
+    if config.overwrite and output_dir.exists() and not config.resume and _process_rank() == 0:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = _train(prepared, output_dir)
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    write_json_atomic(output_dir / RESULTS_FILE, results)
+    if _process_rank() == 0:  # several processes (torchrun): one writer
+        write_json_atomic(output_dir / RESULTS_FILE, results)
     return results
+
+
+def _process_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -246,7 +263,17 @@ def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
 # training
 # --------------------------------------------------------------------------------------------
 def _train(prepared: Prepared, output_dir: Path) -> dict:
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
+    from transformers import DataCollatorWithPadding, TrainingArguments, default_data_collator
+
+    from .checkpoints import (
+        ProgtuningTrainer,
+        StopOnNonFiniteLoss,
+        StopOnSignal,
+        TrainingStopped,
+        check_checkpoint,
+        clean_partial_checkpoints,
+        last_checkpoint,
+    )
 
     from .blocks import find_blocks
 
@@ -263,6 +290,12 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         train_set, eval_sets = tokenize_text(prepared.task, prepared.data, tokenizer, config.max_length)
         collator = DataCollatorWithPadding(tokenizer)
         compute_metrics = _metric_adapter(prepared.task)
+    cache = _prefix_cache(config, model, layout, train_set, collator, output_dir)
+    if cache is not None:
+        train_set, collator = cache.dataset, ExampleIndexCollator(collator)
+    # Always present (after the Progtuning callback): it also keeps frozen embeddings in eval mode,
+    # so a run with the cache and one without compute the same function.
+    cache_callback = PrefixCacheCallback(callback, cache)
 
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -287,8 +320,14 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        remove_unused_columns=cache is None,  # the cache looks examples up by their index column
+        # Several processes: the wrapper is built before stage 0 is applied, so DDP registers every parameter
+        # and skips the frozen ones each step (measured correct for shrinking and growing schedules; see
+        # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
+        ddp_find_unused_parameters=True,
     )
-    trainer = Trainer(
+    stop = StopOnSignal()
+    trainer = ProgtuningTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -296,12 +335,20 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[callback],
+        callbacks=[callback, cache_callback, stop, StopOnNonFiniteLoss(callback)],
     )
     train_started = time.perf_counter()
-    resume = _last_checkpoint(output_dir) if config.resume else None
+    resume = None
+    if config.resume:
+        if _process_rank() == 0:
+            clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
+        resume = _last_checkpoint(output_dir)
+        check_checkpoint(resume, model, schedule, list(layout.block_paths))  # one line, before anything loads
     train_output = trainer.train(resume_from_checkpoint=resume)
     train_time = time.perf_counter() - train_started
+    if stop.stopped_at is not None:
+        raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
+                              last_checkpoint(output_dir / CHECKPOINTS))
 
     if prepared.is_qa:
         metrics = {
@@ -313,7 +360,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
             split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split)
             for split, dataset in eval_sets.items()
         }
-    if config.save_model:
+    if config.save_model and trainer.is_world_process_zero():
         _save(trainer, model, tokenizer, config, output_dir)
 
     steps_per_epoch = callback.steps_per_epoch
@@ -352,9 +399,36 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         "reduction": accounting.reduction,
         "reduction_blocks_only": accounting.reduction_blocks_only,
         "accounting": accounting.to_dict(),
+        "prefix_cache": {
+            "stages": cache_callback.records,
+            "hits": cache.hits if cache else 0,
+            "misses": cache.misses if cache else 0,
+        },
         "train_time_s": round(train_time, 2),
         "log_history": trainer.state.log_history,
     }
+
+
+def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, output_dir: Path):
+    """The frozen-prefix cache if asked for and valid here; otherwise None, with the reason logged."""
+    if not config.cache_frozen:
+        return None
+    reason = (
+        ("the baseline freezes nothing" if not config.progtuning else None)
+        or unsupported_reason(model, layout)
+        or input_reason(train_set, collator)
+    )
+    if reason:
+        logger.warning("--cache-frozen is off: %s", reason)
+        return None
+    return FrozenPrefixCache(
+        model,
+        add_example_index(train_set),
+        layout=layout,
+        budget_mb=config.cache_budget_mb,
+        folder=str(output_dir / "prefix_cache"),
+        build_batch_size=config.eval_batch_size,
+    )
 
 
 def tokenize_text(task, data, tokenizer, max_length: int):

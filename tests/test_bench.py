@@ -1,0 +1,76 @@
+"""``progtuning bench``: the FLOP model, the case plan, and one tiny run's JSON (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from progtuning.bench import BenchConfig, flop_units, format_results, main, plan_variants, run_bench
+from progtuning.errors import ProgtuningError
+
+
+def schedule_flop(config: BenchConfig, name: str) -> float:
+    variant = next(v for v in plan_variants(config) if v.name == name)
+    full = flop_units(config.layers, 0, True)
+    return (sum(variant.flop) + sum(variant.flop_build)) / (config.stages * full)
+
+
+def test_flop_model_reproduces_the_issue_numbers():
+    config = BenchConfig(layers=12, stages=4)
+    assert schedule_flop(config, "prog-always") == pytest.approx(0.875)
+    assert schedule_flop(config, "prog-never") == pytest.approx(0.75)
+    assert schedule_flop(config, "prog-first_stage") == pytest.approx(0.75)  # the embeddings' own cost is not modelled
+    assert schedule_flop(config, "prog-first_stage+cache") == pytest.approx(0.6875)
+    variant = next(v for v in plan_variants(config) if v.name == "prog-first_stage+cache")
+    assert sum(variant.flop) / 144 == pytest.approx(0.625)  # steps only
+    assert [b.to if b else None for b in variant.builds] == [None, 3, 6, 9]
+    assert [b.start if b else None for b in variant.builds] == [None, None, 3, 6]  # incremental
+
+
+def test_identical_configurations_are_measured_once():
+    variants = {v.name: v for v in plan_variants(BenchConfig(layers=12, stages=4))}
+    assert variants["prog-always"].stages[0] == variants["full"].stages[0]
+    assert variants["prog-first_stage"].stages[1:] == variants["prog-never"].stages[1:]
+    assert variants["prog-never/dropout-on"].stages[1].eval_frozen is False
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ProgtuningError, match="--stages"):
+        run_bench(BenchConfig(layers=2, stages=4))
+    with pytest.raises(ProgtuningError, match="multiple of --heads"):
+        run_bench(BenchConfig(hidden=30, heads=4))
+
+
+def test_tiny_bench_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(
+        ["--hidden", "32", "--layers", "4", "--heads", "2", "--intermediate", "64", "--vocab", "100", "--seq", "8",
+         "--batch", "4", "--stages", "2", "--rounds", "1", "--steps", "1", "--memory-batch", "4",
+         "--overhead-steps", "2", "--json", str(out)]
+    )
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert set(results["variants"]) == {
+        "full", "prog-always", "prog-first_stage", "prog-never", "prog-never/dropout-on",
+        "prog-first_stage+cache", "prog-never+cache", "lora", "lora+prog", "lora+prog+cache",
+    }
+    for name, variant in results["variants"].items():
+        assert len(variant["stages"]) == 2
+        assert {"schedule_ratio", "schedule_ratio_steps_only", "schedule_flop_ratio"} <= set(variant)
+        for stage in variant["stages"]:
+            assert {"step_s", "ratio", "flop_ratio", "peak_mb", "memory_ratio", "activations_mb"} <= set(stage)
+    assert results["variants"]["full"]["schedule_ratio"] == 1.0
+    cached = results["variants"]["prog-never+cache"]["stages"][1]
+    assert cached["cached"] and cached["build_s"] is not None and cached["build"] == "base build E->2"
+    assert "schedule_ratio_vs_lora" in results["variants"]["lora+prog"]
+    assert set(results["callback_overhead"]) >= {"plain_trainer_step_s", "callback_trainer_step_s", "ratio"}
+    assert results["targets"]
+    # frozen prefix saves nothing for backward: fewer saved tensors than full fine-tuning
+    never = results["variants"]["prog-never"]["stages"]
+    full = results["variants"]["full"]["stages"]
+    assert never[1]["saved_tensors"] < full[1]["saved_tensors"]
+    assert never[1]["optimizer_state_mb"] < full[1]["optimizer_state_mb"]
+    text = capsys.readouterr().out
+    assert "whole schedule" in text and "callback overhead" in text
+    assert format_results(results).splitlines()[0].startswith("bert hidden 32")
