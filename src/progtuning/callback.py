@@ -30,6 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from .blocks import find_blocks
+from .distributed import check_trainer_parallelism
 from .errors import ProgtuningError
 from .freezing import ProgressiveFreezer, StageChange
 from .schedule import EmbeddingPolicy, Schedule, Unit, progressive
@@ -92,6 +93,7 @@ class ProgtuningCallback(TrainerCallback):
         self.blocks = blocks
         self.eval_frozen_blocks = eval_frozen_blocks
         self.freezer: ProgressiveFreezer | None = None
+        self.distributed_mode: str | None = None  # "single" or "ddp", set at train start
         self.steps_per_epoch = 1
         self.total_steps = 0
         self.records: list[StageRecord] = []
@@ -114,6 +116,8 @@ class ProgtuningCallback(TrainerCallback):
             self.freezer.restore()
             self.freezer.close()
         self.freezer = ProgressiveFreezer(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
+        # Several processes: FSDP/DeepSpeed are refused, DDP needs find_unused_parameters (see distributed.py).
+        self.distributed_mode = check_trainer_parallelism(args, model, self.schedule)
         if state.global_step > 0:
             self._check_resume(args, state)
         state.stateful_callbacks[STATE_KEY] = self._resume_check_data()

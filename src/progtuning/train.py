@@ -85,6 +85,10 @@ def run(config: TrainConfig) -> dict:
     _check_output_dir(output_dir, config)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.progtuning:
+        from .distributed import refuse_unsupported_parallelism
+
+        refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
     prepared = prepare(config)
     if config.overwrite and output_dir.exists() and not config.resume and _process_rank() == 0:
         shutil.rmtree(output_dir)
@@ -326,7 +330,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
         ddp_find_unused_parameters=True,
     )
-    stop = StopOnSignal()
+    stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
     trainer = ProgtuningTrainer(
         model=model,
         args=args,
@@ -335,7 +339,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[callback, cache_callback, stop, StopOnNonFiniteLoss(callback)],
+        callbacks=[callback, cache_callback, stop, nan_guard],
     )
     train_started = time.perf_counter()
     resume = None
@@ -344,7 +348,11 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
             clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
         resume = _last_checkpoint(output_dir)
         check_checkpoint(resume, model, schedule, list(layout.block_paths))  # one line, before anything loads
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume)
+    finally:  # also when training raised: give the signal handlers back, drop the loss hook
+        stop.restore()
+        nan_guard.close()
     train_time = time.perf_counter() - train_started
     if stop.stopped_at is not None:
         raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
