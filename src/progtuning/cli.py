@@ -3,6 +3,10 @@
     progtuning train CONFIG.yaml [--key value ...]   one experiment → OUTPUT_DIR/results.json
     progtuning plan --model M --epochs T              parts, stages and updated parameters
     progtuning models [fetch NAME]                    the offline model aliases
+    progtuning bench [--hidden 384 --layers 12 ...]   time and memory of each stage vs full fine-tuning
+    progtuning sweep SWEEP.yaml [--parallel N]        a resumable grid of train runs, one folder each
+    progtuning report DIR... [--out DIR]              Markdown/CSV tables and PNG plots from results.json files
+    progtuning probe CONFIG.yaml [--key value ...]    train embeddings + one block, for each block (Figure 1)
 
 A user's mistake is printed as one line, ``error: ...``, with exit code 2.
 """
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 
 from .errors import ProgtuningError
@@ -26,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         has_config = len(argv) > 1 and not argv[1].startswith("--")
         args = parser.parse_args(argv[: 2 if has_config else 1])
         rest = argv[2 if has_config else 1 :]
+    elif argv[:1] == ["probe"] and not {"-h", "--help"} & set(argv):
+        # `probe [CONFIG] [probe options] --any-config-key value ...`: the same, around probe's own options.
+        own, rest = _split_probe_args(argv[1:])
+        args = parser.parse_args(["probe", *own])
     else:
         args = parser.parse_args(argv)
     if args.command is None:
@@ -34,11 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, rest) or 0
     except ProgtuningError as error:
+        exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (checkpoints.TrainingStopped)
+        if exit_code is not None:
+            if os.environ.get("RANK", "0") == "0":  # several processes: say it once
+                print(error.message(_resume_command(argv)), file=sys.stderr)
+            return exit_code
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues a stopped run: the same one, without --overwrite, plus --resume."""
+    words = [a for a in argv if a not in ("--overwrite", "--no-resume")]
+    if "--resume" not in words:
+        words.append("--resume")
+    return " ".join(shlex.quote(w) for w in ["progtuning", *words])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +95,65 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
     models.add_argument("name", nargs="?")
     models.set_defaults(handler=_models)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="step time and peak memory: full fine-tuning vs each Progtuning stage")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
+
+    sweep = commands.add_parser("sweep", help="run a grid of experiments (resumable; see configs/sweep/)")
+    sweep.add_argument("config", help="sweep YAML: base, grid, variants, per-task/method/model overrides")
+    sweep.add_argument("--parallel", type=int, help="runs at once (default: the YAML's parallel, else 1)")
+    sweep.add_argument("--output-dir", help="sweep folder (default: the YAML's output_dir)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; run nothing")
+    sweep.set_defaults(handler=_sweep)
+
+    report = commands.add_parser("report", help="tables and plots from results.json files (never trains)")
+    report.add_argument("dirs", nargs="+", help="sweep folders, run folders or results.json files")
+    report.add_argument("--out", default="runs/report", help="folder for results.md, results.csv, runs.csv and PNGs")
+    report.add_argument("--markdown", help="write the Markdown here instead (only between report markers if present)")
+    report.add_argument("--split", default="test", choices=["test", "validation"], help="which split's score")
+    report.add_argument("--title", default="Progtuning sweep results")
+    report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.set_defaults(handler=_report)
+
+    probe = commands.add_parser(
+        "probe",
+        help="per-block contribution: embeddings + one block + head, each block in turn",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="any other --key value is a train config override (see `progtuning train --help`)",
+    )
+    probe.add_argument("config", nargs="?", help="train YAML giving task, model, method and budget")
+    for option, (metavar, text) in _PROBE_OPTIONS.items():
+        if metavar:
+            probe.add_argument(option, metavar=metavar, help=text)
+        else:
+            probe.add_argument(option, action="store_true", help=text)
+    probe.set_defaults(handler=_probe)
     return parser
+
+
+# probe's own options (everything else on its command line is a train override): option -> (metavar, help)
+_PROBE_OPTIONS = {
+    "--blocks": ("I,J,...", "block indices to probe (default: all)"),
+    "--seeds": ("S,T,...", "seeds (default: the config's seed)"),
+    "--parallel": ("N", "runs at once (default 1)"),
+    "--out": ("DIR", "probe folder (default: runs/probe/<task>/<model>-<method>)"),
+    "--no-full": (None, "skip the all-blocks reference run"),
+}
+
+
+def _split_probe_args(tokens: list[str]) -> tuple[list[str], list[str]]:
+    own, rest, i = [], [], 0
+    if tokens and not tokens[0].startswith("--"):
+        own, i = [tokens[0]], 1
+    while i < len(tokens):
+        name = tokens[i].split("=", 1)[0]
+        takes = 1 if name in _PROBE_OPTIONS and _PROBE_OPTIONS[name][0] and "=" not in tokens[i] else 0
+        (own if name in _PROBE_OPTIONS else rest).extend(tokens[i : i + 1 + takes])
+        i += 1 + takes
+    return own, rest
 
 
 def _train(args, rest: list[str]) -> int:
@@ -82,7 +163,8 @@ def _train(args, rest: list[str]) -> int:
 
     config = load_config(args.config, parse_overrides(rest))
     results = run(config)
-    print_run_summary(results)
+    if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): one summary
+        print_run_summary(results)
     return 0
 
 
@@ -117,6 +199,50 @@ def _models(args, rest: list[str]) -> int:
     for name, description in MODEL_ALIASES.items():
         print(f"{name:<14} {description}")
     return 0
+
+
+def _bench(args, rest: list[str]) -> int:
+    from .bench import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+def _sweep(args, rest: list[str]) -> int:
+    from .sweep import load_sweep, run_sweep, summarize
+
+    sweep = load_sweep(args.config, output_dir=args.output_dir, parallel=args.parallel)
+    outcomes = run_sweep(sweep, dry_run=args.dry_run)
+    return 1 if summarize(outcomes)["failed"] else 0
+
+
+def _report(args, rest: list[str]) -> int:
+    from .report import build_report
+
+    written = build_report(
+        args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots
+    )
+    print(f"{written['runs']} runs, {len(written['rows'])} table rows, {written['probes']} probe(s) -> {written['markdown']}")
+    return 0
+
+
+def _probe(args, rest: list[str]) -> int:
+    from .config import load_config, parse_overrides
+    from .probe import run_probe
+
+    def ints(text: str | None) -> list[int] | None:
+        try:
+            return [int(v) for v in text.split(",") if v.strip()] if text else None
+        except ValueError:
+            raise ProgtuningError(f"expected comma-separated integers, got {text!r}")
+
+    config = load_config(args.config, parse_overrides(rest))
+    parallel = ints(args.parallel)
+    summary = run_probe(
+        config, blocks=ints(args.blocks), out_dir=args.out, seeds=ints(args.seeds), full=not args.no_full,
+        parallel=parallel[0] if parallel else 1,
+    )
+    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":
