@@ -12,26 +12,35 @@ or, in a plain PyTorch loop, :class:`ProgressiveFreezer` with a :func:`progressi
 
 from .blocks import BlockLayout, find_blocks
 from .callback import ProgtuningCallback
+from .checkpoints import ProgtuningTrainer
 from .counting import Accounting, count_updates, plan_updates
+from .distributed import DistributedFreezer
 from .errors import ProgtuningError
 from .freezing import ProgressiveFreezer, release_optimizer_state
+from .methods import MethodConfig, apply_method, load_method, save_method
 from .schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
 
 __all__ = [
     "Accounting",
     "BlockLayout",
+    "DistributedFreezer",
+    "MethodConfig",
     "ProgressiveFreezer",
     "ProgtuningCallback",
     "ProgtuningError",
+    "ProgtuningTrainer",
     "Schedule",
     "Stage",
+    "apply_method",
     "count_updates",
     "explicit",
     "find_blocks",
+    "load_method",
     "no_progtuning",
     "plan_updates",
     "progressive",
     "release_optimizer_state",
+    "save_method",
     "split_into_parts",
 ]
 __version__ = "0.1.0"
