@@ -330,3 +330,20 @@ def test_layout_can_be_passed_in():
     layout = find_blocks(model)
     freezer = ProgressiveFreezer(model, progressive(4, 2), layout)
     assert freezer.layout is layout
+
+
+def test_frozen_embeddings_run_in_eval_mode_only_while_frozen():
+    model = tiny_model("bert", num_layers=4, hidden_dropout_prob=0.1)
+    freezer = ProgressiveFreezer(model, progressive(4, 2, "first_stage"))
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    model.train()
+    freezer.apply(0)
+    model(**batch)
+    assert model.bert.embeddings.training
+    freezer.apply(1)
+    model.train()
+    model(**batch)
+    assert not model.bert.embeddings.training and model.bert.encoder.layer[3].training
+    freezer.restore()
+    assert model.bert.embeddings.training  # follows the model's mode again
+    freezer.close()

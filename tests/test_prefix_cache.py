@@ -17,7 +17,6 @@ from progtuning.freezing import ProgressiveFreezer
 from progtuning.prefix_cache import (
     INDEX_COLUMN,
     ExampleIndexCollator,
-    FrozenEmbeddingsEval,
     FrozenPrefixCache,
     PrefixCacheCallback,
     add_example_index,
@@ -357,23 +356,6 @@ def test_no_autograd_graph_below_the_lowest_trainable_block():
     cached_count, _ = _graph(model, dict(batch, **{INDEX_COLUMN: index}))
     assert cached_count == counts["never"] < counts["always"]
     cache.close()
-
-
-def test_frozen_embeddings_run_in_eval_mode_only_while_frozen():
-    model = tiny_model("bert", num_layers=4, hidden_dropout_prob=0.1)
-    freezer = ProgressiveFreezer(model, progressive(4, 2, "first_stage"))
-    keep = FrozenEmbeddingsEval(freezer)
-    batch = batch_of(ragged_dataset(), [0, 1])
-    batch.pop(INDEX_COLUMN)
-    model.train()
-    freezer.apply(0)
-    model(**batch)
-    assert model.bert.embeddings.training
-    freezer.apply(1)
-    model.train()
-    model(**batch)
-    assert not model.bert.embeddings.training and model.bert.encoder.layer[3].training
-    keep.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ from torch import nn
 from .blocks import find_blocks
 from .errors import ProgtuningError
 from .freezing import ProgressiveFreezer
-from .prefix_cache import INDEX_COLUMN, FrozenEmbeddingsEval, FrozenPrefixCache
+from .prefix_cache import INDEX_COLUMN, FrozenPrefixCache
 from .schedule import progressive
 
 ARCHS = ("bert", "roberta", "mpnet", "electra", "distilbert")
@@ -367,7 +367,6 @@ class _Bench:
         policy = "always" if key.train_embeddings else "never"
         schedule = progressive(L, 1, policy) if key.lowest == 0 else _two_stage(L, key.lowest, policy)
         freezer = ProgressiveFreezer(model, schedule, layout, eval_frozen_blocks=key.eval_frozen)
-        embeddings_eval = FrozenEmbeddingsEval(freezer, model) if key.eval_frozen else None
         freezer.apply(schedule.num_stages - 1)
         try:
             if key.cached:
@@ -381,8 +380,6 @@ class _Bench:
                 cache.detach()
             freezer.restore()
             freezer.close()
-            if embeddings_eval is not None:
-                embeddings_eval.close()
             model.train()
 
     def _step(self, model, optimizer, batch) -> None:

@@ -8,7 +8,8 @@ is ever made trainable.
 On every switch, parameters that stop training get ``.grad = None`` (a zero gradient would
 still let AdamW move them through momentum and weight decay) and their optimizer state is
 dropped, which frees the AdamW moments. Frozen blocks can also run in eval mode (their dropout
-off), which makes their forward cheaper and deterministic.
+off), and so can the embeddings in stages that freeze them: their forward gets cheaper and
+deterministic, which is also what lets the frozen prefix be cached (:mod:`progtuning.prefix_cache`).
 
 The optimizer must be built over the whole trainable set *before* the first stage is applied:
 the HF Trainer (and most loops) only hand parameters that require grad at that moment to the
@@ -76,11 +77,16 @@ class ProgressiveFreezer:
                 "no parameter of the model requires grad: apply the fine-tuning method before building the freezer"
             )
         self.stage_index: int | None = None
-        self._block_modules = [model.get_submodule(path) for path in self.layout.block_paths]
-        self._frozen_blocks: set[int] = set()
+        # What runs in eval mode while frozen: each block, and the embeddings (a unit of their own).
+        self._units: dict[int | str, list[nn.Module]] = {
+            i: [model.get_submodule(path)] for i, path in enumerate(self.layout.block_paths)
+        }
+        self._units[EMBEDDINGS] = self._embedding_modules()
+        self._frozen_units: set[int | str] = set()
         self._hooks = [
-            module.register_forward_pre_hook(self._keep_frozen_block_in_eval(i))
-            for i, module in enumerate(self._block_modules)
+            module.register_forward_pre_hook(self._keep_in_eval_while_frozen(unit))
+            for unit, modules in self._units.items()
+            for module in modules
         ]
 
     # -- what each stage trains ------------------------------------------------------------
@@ -119,7 +125,7 @@ class ProgressiveFreezer:
         if optimizer is not None and frozen:
             release_optimizer_state(optimizer, (self.params[n] for n in frozen))
             return_freed_memory()
-        self._set_block_modes(set(self.schedule.stages[stage].blocks))
+        self._set_modes(self.schedule.stages[stage])
         previous, self.stage_index = self.stage_index, stage
         return StageChange(
             stage=stage,
@@ -147,30 +153,47 @@ class ProgressiveFreezer:
         """Undo all stages: the method's trainable set trains again, every block follows the model's mode."""
         for name in self.method_trainable:
             self.params[name].requires_grad_(True)
-        self._set_block_modes(set(range(self.layout.num_blocks)))
+        self._set_modes(None)
         self.stage_index = None
 
     def close(self) -> None:
-        """Remove the hooks this freezer put on the blocks."""
+        """Remove the hooks this freezer put on the blocks and embeddings."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
-    # -- eval mode for frozen blocks -----------------------------------------------------------
-    def _set_block_modes(self, trained_blocks: set[int]) -> None:
+    # -- eval mode for frozen blocks and embeddings ----------------------------------------------
+    def _embedding_modules(self) -> list[nn.Module]:
+        """The outermost modules that hold only embedding parameters (tables, their norm and dropout)."""
+        chosen: list[tuple[str, nn.Module]] = []
+        for name, module in self.model.named_modules():
+            if not name or any(name.startswith(outer + ".") for outer, _ in chosen):
+                continue
+            names = [n for n, _ in module.named_parameters(prefix=name)]
+            if names and all(self.layout.groups.get(n) == EMBEDDINGS for n in names):
+                chosen.append((name, module))
+        return [module for _, module in chosen]
+
+    def _set_modes(self, stage: Stage | None) -> None:
+        """Frozen units run in eval mode; ``stage=None`` means everything trains again."""
         if not self.eval_frozen_blocks:
             return
-        previously_frozen = self._frozen_blocks
-        self._frozen_blocks = set(range(self.layout.num_blocks)) - trained_blocks
-        for index in previously_frozen - self._frozen_blocks:
-            # A block that trains again (growing schedules) follows the model's mode again.
-            self._block_modules[index].train(self.model.training)
+        if stage is None:
+            frozen: set[int | str] = set()
+        else:
+            trained = set(stage.blocks) | ({EMBEDDINGS} if stage.train_embeddings else set())
+            frozen = set(self._units) - trained
+        for unit in self._frozen_units - frozen:
+            # A unit that trains again (growing schedules) follows the model's mode again.
+            for module in self._units[unit]:
+                module.train(self.model.training)
+        self._frozen_units = frozen
 
-    def _keep_frozen_block_in_eval(self, index: int):
+    def _keep_in_eval_while_frozen(self, unit: int | str):
         # Trainers call model.train() every step, which would turn dropout back on in frozen
-        # blocks; re-assert eval mode right before the block runs instead.
+        # modules; re-assert eval mode right before the module runs instead.
         def hook(module: nn.Module, args):
-            if module.training and index in self._frozen_blocks:
+            if module.training and unit in self._frozen_units:
                 module.eval()
 
         return hook

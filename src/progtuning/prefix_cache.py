@@ -662,48 +662,6 @@ def _example_lengths(dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# frozen embeddings in eval mode
-# ---------------------------------------------------------------------------------------------
-class FrozenEmbeddingsEval:
-    """Keeps the embeddings in eval mode (dropout off) in stages where they are frozen.
-
-    :class:`~progtuning.freezing.ProgressiveFreezer` does this for frozen *blocks*; the embeddings
-    are part of the frozen prefix too, and the cache can only equal the uncached run if they are
-    deterministic in both. The Trainer calls ``model.train()`` every step, so the mode is re-asserted
-    right before the embeddings run.
-    """
-
-    def __init__(self, freezer, model: nn.Module | None = None) -> None:
-        self.freezer = freezer
-        self.model = model or freezer.model
-        layout = freezer.layout
-        self.embeddings = _locate(self.model, layout).embeddings if unsupported_reason(self.model, layout) is None else None
-        self._train_embeddings: dict[int, bool] = {}
-        self._handle = (
-            self.embeddings.register_forward_pre_hook(self._hook) if self.embeddings is not None else None
-        )
-
-    def _frozen_now(self) -> bool:
-        stage = self.freezer.stage_index
-        if stage is None or not self.freezer.eval_frozen_blocks:
-            return False
-        if stage not in self._train_embeddings:
-            groups = self.freezer.layout.groups
-            self._train_embeddings[stage] = any(groups[n] == EMBEDDINGS for n in self.freezer.stage_names(stage))
-        return not self._train_embeddings[stage]
-
-    def _hook(self, module: nn.Module, args) -> None:
-        want_training = self.model.training and not self._frozen_now()
-        if module.training != want_training:
-            module.train(want_training)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
-# ---------------------------------------------------------------------------------------------
 # the Trainer side
 # ---------------------------------------------------------------------------------------------
 def _dropout_in(modules: Sequence[nn.Module]) -> bool:
@@ -722,9 +680,9 @@ class PrefixCacheCallback(TrainerCallback):
     """Builds, extends and switches the frozen-prefix cache at each stage of a Progtuning run.
 
     Put it *after* ``progtuning`` in the Trainer's callbacks: the stage must already be applied
-    when it runs. With ``cache=None`` it only keeps frozen embeddings in eval mode (the uncached
-    run that a cached run equals). ``records`` has one entry per stage: whether the cache was on,
-    its level, the build time, its storage and size, or the reason it was off.
+    when it runs. ``records`` has one entry per stage: whether the cache was on, its level, the
+    build time, its storage and size, or the reason it was off. (The freezer keeps frozen
+    embeddings and blocks in eval mode, so a cached run computes what the uncached one does.)
     """
 
     def __init__(
@@ -732,20 +690,17 @@ class PrefixCacheCallback(TrainerCallback):
         progtuning,
         cache: FrozenPrefixCache | None = None,
         *,
-        eval_frozen_embeddings: bool = True,
         min_blocks: int = 1,
         collator=None,
         close_at_end: bool = True,
     ) -> None:
         self.progtuning = progtuning
         self.cache = cache
-        self.eval_frozen_embeddings = eval_frozen_embeddings
         self.min_blocks = max(0, int(min_blocks))
         self.close_at_end = close_at_end
         self.records: list[dict] = []
         self._static_reason: str | None = input_reason(cache.dataset, collator) if cache is not None else None
         self._stage: int | None = None
-        self._embeddings_eval: FrozenEmbeddingsEval | None = None
         self._warned: set[str] = set()
         self._autocast: torch.dtype | None = None
 
@@ -755,8 +710,6 @@ class PrefixCacheCallback(TrainerCallback):
             raise ProgtuningError(
                 "PrefixCacheCallback runs before ProgtuningCallback: list it after the ProgtuningCallback"
             )
-        if self.eval_frozen_embeddings and self._embeddings_eval is None:
-            self._embeddings_eval = FrozenEmbeddingsEval(freezer, model)
         if self.cache is None:
             return
         if getattr(args, "world_size", 1) > 1:
@@ -783,9 +736,6 @@ class PrefixCacheCallback(TrainerCallback):
         self.records.append(self._switch(stage))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._embeddings_eval is not None:
-            self._embeddings_eval.close()
-            self._embeddings_eval = None
         if self.cache is not None:
             self.cache.deactivate()
             if self.close_at_end:

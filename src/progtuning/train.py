@@ -297,9 +297,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     cache = _prefix_cache(config, model, layout, train_set, collator, output_dir)
     if cache is not None:
         train_set, collator = cache.dataset, ExampleIndexCollator(collator)
-    # Always present (after the Progtuning callback): it also keeps frozen embeddings in eval mode,
-    # so a run with the cache and one without compute the same function.
-    cache_callback = PrefixCacheCallback(callback, cache)
+    cache_callback = PrefixCacheCallback(callback, cache)  # after the Progtuning callback: the stage is set
 
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
