@@ -95,6 +95,10 @@ def test_sigkill_mid_stage_during_a_checkpoint_write_and_at_a_boundary_then_resu
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 24
     assert [(s["stage"], s["start_step"], s["end_step"]) for s in results["stages"]] == [(2, 16, 24)]
+    # The accounting covers the whole run, not only the part after the last resume.
+    expected = json.loads((reference / "results.json").read_text())
+    for key in ("updated_params", "baseline_updated_params", "reduction"):
+        assert results[key] == expected[key], key
 
 
 # -- SIGTERM: a clean stop ------------------------------------------------------------------------------

@@ -370,10 +370,9 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         _save(trainer, model, tokenizer, config, output_dir)
 
     steps_per_epoch = callback.steps_per_epoch
-    lengths = [
-        sum((r.end_step or trainer.state.global_step) - r.start_step for r in callback.records if r.stage == s.index)
-        for s in schedule.stages
-    ]
+    # From the schedule, not from the stage records: a resumed run recorded only its second half,
+    # and the stages switch exactly where planned (test_train checks it).
+    lengths = schedule.stage_lengths(steps_per_epoch, trainer.state.global_step)
     accounting = count_updates(callback.freezer, lengths, epochs=trainer.state.global_step / steps_per_epoch)
     main = prepared.task.main_metric
     return {
