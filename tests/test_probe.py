@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from progtuning.cli import _split_probe_args
+from progtuning.cli import _PROBE_OPTIONS, _split_own_options
 from progtuning.config import TrainConfig, load_config
 from progtuning.errors import ProgtuningError
 from progtuning.probe import probe_specs, run_probe
@@ -102,13 +102,16 @@ def test_run_probe_collects_scores_per_block_and_plots(tmp_path):
 
 
 def test_probe_command_line_splits_its_own_options_from_train_overrides():
-    own, rest = _split_probe_args(
-        ["cfg.yaml", "--seeds", "0,1", "--seed", "3", "--epochs", "1", "--no-full", "--out=x", "--parallel", "2"]
+    own, rest = _split_own_options(
+        ["cfg.yaml", "--seeds", "0,1", "--seed", "3", "--epochs", "1", "--no-full", "--out=x", "--parallel", "2"],
+        _PROBE_OPTIONS,
     )
     assert own == ["cfg.yaml", "--seeds", "0,1", "--no-full", "--out=x", "--parallel", "2"]
     assert rest == ["--seed", "3", "--epochs", "1"]
-    own, rest = _split_probe_args(["--task", "trec6", "--blocks", "5"])
+    own, rest = _split_own_options(["--task", "trec6", "--blocks", "5"], _PROBE_OPTIONS)
     assert own == ["--blocks", "5"] and rest == ["--task", "trec6"]
+    # train has no options of its own: everything after CONFIG is an override
+    assert _split_own_options(["cfg.yaml", "--blocks", "5"], {}) == (["cfg.yaml"], ["--blocks", "5"])
 
 
 def test_shipped_probe_configs_load():

@@ -26,16 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     rest: list[str] = []
-    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
-        # `train [CONFIG] --any-config-key value ...`: the keys come from TrainConfig, not argparse,
-        # which would take an override's value for the positional CONFIG.
-        has_config = len(argv) > 1 and not argv[1].startswith("--")
-        args = parser.parse_args(argv[: 2 if has_config else 1])
-        rest = argv[2 if has_config else 1 :]
-    elif argv[:1] == ["probe"] and not {"-h", "--help"} & set(argv):
-        # `probe [CONFIG] [probe options] --any-config-key value ...`: the same, around probe's own options.
-        own, rest = _split_probe_args(argv[1:])
-        args = parser.parse_args(["probe", *own])
+    if argv[:1] in (["train"], ["probe"]) and not {"-h", "--help"} & set(argv):
+        # `train|probe [CONFIG] [own options] --any-config-key value ...`: the keys come from
+        # TrainConfig, not argparse, which would take an override's value for the positional CONFIG.
+        own, rest = _split_own_options(argv[1:], _PROBE_OPTIONS if argv[0] == "probe" else {})
+        args = parser.parse_args([argv[0], *own])
     else:
         args = parser.parse_args(argv)
     if args.command is None:
@@ -144,14 +139,15 @@ _PROBE_OPTIONS = {
 }
 
 
-def _split_probe_args(tokens: list[str]) -> tuple[list[str], list[str]]:
+def _split_own_options(tokens: list[str], options: dict) -> tuple[list[str], list[str]]:
+    """Split ``[CONFIG] tokens`` into the command's own arguments and TrainConfig overrides."""
     own, rest, i = [], [], 0
     if tokens and not tokens[0].startswith("--"):
         own, i = [tokens[0]], 1
     while i < len(tokens):
         name = tokens[i].split("=", 1)[0]
-        takes = 1 if name in _PROBE_OPTIONS and _PROBE_OPTIONS[name][0] and "=" not in tokens[i] else 0
-        (own if name in _PROBE_OPTIONS else rest).extend(tokens[i : i + 1 + takes])
+        takes = 1 if name in options and options[name][0] and "=" not in tokens[i] else 0
+        (own if name in options else rest).extend(tokens[i : i + 1 + takes])
         i += 1 + takes
     return own, rest
 
