@@ -407,10 +407,10 @@ def render_markdown(
     if images:
         lines += ["### Plots", ""]
         if images.get("scatter"):
-            lines += [f"Score vs updated parameters, one point per run:", "",
+            lines += ["Score vs updated parameters, one point per run:", "",
                       f"![score vs updated parameters]({_rel(images['scatter'], md_dir)})", ""]
         if images.get("bars"):
-            lines += [f"Baseline vs Progtuning per task and method (median, whiskers min–max):", "",
+            lines += ["Baseline vs Progtuning per task and method (median, whiskers min–max):", "",
                       f"![baseline vs Progtuning]({_rel(images['bars'], md_dir)})", ""]
         timelines = images.get("timelines") or []
         if timelines:

@@ -231,7 +231,7 @@ def _model_error(name: str, error: Exception) -> str:
 
 
 def _apply_method(model, config: TrainConfig, is_qa: bool):
-    from .methods import MethodConfig, apply_method
+    from .methods import apply_method
 
     return apply_method(model, method_config(config), task_type="qa" if is_qa else "seq_cls")
 
