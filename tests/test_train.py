@@ -165,3 +165,23 @@ def test_existing_output_dir_needs_overwrite(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("task, version", [("squad", "1.1"), ("squad_v2", "2.0")])
+def test_squad_end_to_end_on_upstream_format_files(tmp_path, task, version):
+    """The QA path: windows, a QA head, prediction, n-best post-processing and official EM/F1."""
+    out = tmp_path / task
+    code = main(["train", "--task", task, "--data-dir", str(Path(__file__).parent / "fixtures" / "squad"),
+                 "--epochs", "2", "--max-length", "128", "--doc-stride", "32", "--batch-size", "4",
+                 "--output-dir", str(out), "--no-save-checkpoints"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"]["name"] == f"squad-v{version}" and results["main_metric"] == "f1"
+    validation = results["metrics"]["validation"]
+    assert 0 <= validation["exact_match"] <= validation["f1"] <= 100
+    assert [s["stage"] for s in results["stages"]] == [0, 1]
+    if version == "2.0":
+        assert validation["HasAns_total"] + validation["NoAns_total"] == validation["total"]
+    from transformers import AutoModelForQuestionAnswering
+
+    assert AutoModelForQuestionAnswering.from_pretrained(out / "model").config.model_type == "bert"
