@@ -42,13 +42,14 @@ def real_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_results_json_has_every_field(real_run):
-    _, results = real_run
+    out, results = real_run
     for key in (
         "config", "versions", "seed", "stages", "metrics", "updated_params", "baseline_updated_params",
         "reduction", "reduction_blocks_only", "wall_time_s", "train_time_s", "peak_rss_mb", "schedule",
     ):
         assert key in results, key
     assert results["config"]["model"] == "minilm-l6" and results["config"]["epochs"] == 2
+    assert (out / "results.json").stat().st_mode & 0o777 == 0o644
     assert set(results["versions"]) >= {"torch", "transformers", "peft", "datasets", "accelerate"}
     assert set(results["metrics"]) == {"validation", "test"}
     for stage in results["stages"]:

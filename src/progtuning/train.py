@@ -549,6 +549,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON so that a reader (or a crash) never sees half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes it private; a results file is for everyone to read
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=_json_default)
         f.flush()
