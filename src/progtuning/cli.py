@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 
@@ -41,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProgtuningError as error:
         exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (checkpoints.TrainingStopped)
         if exit_code is not None:
-            if os.environ.get("RANK", "0") == "0":  # several processes: say it once
+            from .distributed import launcher_rank
+
+            if launcher_rank() == 0:  # several processes: say it once
                 print(error.message(_resume_command(argv)), file=sys.stderr)
             return exit_code
         print(f"error: {error}", file=sys.stderr)
@@ -157,9 +158,11 @@ def _train(args, rest: list[str]) -> int:
     from .train import run
     from .report import print_run_summary
 
+    from .distributed import launcher_rank
+
     config = load_config(args.config, parse_overrides(rest))
     results = run(config)
-    if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): one summary
+    if launcher_rank() == 0:  # several processes (torchrun): one summary
         print_run_summary(results)
     return 0
 

@@ -71,6 +71,14 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def launcher_rank() -> int:
+    """This process's rank as torchrun / accelerate launch set it (0 when run alone).
+
+    Valid before the process group exists, so it can decide who writes before the Trainer starts.
+    """
+    return int(os.environ.get("RANK", "0"))
+
+
 class DistributedFreezer:
     """A :class:`ProgressiveFreezer` whose DDP wrapper is rebuilt whenever the trainable set changes.
 

@@ -43,6 +43,7 @@ from .prefix_cache import (
 )
 from .config import TrainConfig
 from .counting import count_updates
+from .distributed import launcher_rank
 from .errors import ProgtuningError
 from .schedule import Schedule, explicit, no_progtuning, progressive
 
@@ -90,20 +91,15 @@ def run(config: TrainConfig) -> dict:
 
         refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
     prepared = prepare(config)
-    if config.overwrite and output_dir.exists() and not config.resume and _process_rank() == 0:
+    if config.overwrite and output_dir.exists() and not config.resume and launcher_rank() == 0:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = _train(prepared, output_dir)
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if _process_rank() == 0:  # several processes (torchrun): one writer
+    if launcher_rank() == 0:  # several processes (torchrun): one writer
         write_json_atomic(output_dir / RESULTS_FILE, results)
     return results
-
-
-def _process_rank() -> int:
-    """This process's rank under torchrun / accelerate launch (0 when run alone)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -342,7 +338,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     train_started = time.perf_counter()
     resume = None
     if config.resume:
-        if _process_rank() == 0:
+        if launcher_rank() == 0:
             clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
         resume = _last_checkpoint(output_dir)
         check_checkpoint(resume, model, schedule, list(layout.block_paths))  # one line, before anything loads
