@@ -22,7 +22,7 @@ import sys
 def install(crash: str) -> None:
     import torch
 
-    from progtuning.callback import ProgtuningCallback
+    from progtuning.core.callback import ProgtuningCallback
 
     kind, step, *rest = crash.split(":")
     step = int(step)
@@ -42,7 +42,7 @@ def install(crash: str) -> None:
 
         ProgtuningCallback.on_step_begin = on_step_begin
     elif kind == "save":
-        from progtuning.checkpoints import ProgtuningTrainer
+        from progtuning.runs.checkpoints import ProgtuningTrainer
 
         original_rng = ProgtuningTrainer._save_rng_state
 
@@ -75,7 +75,7 @@ def main() -> int:
         install(argv[1])
         argv = argv[2:]
     rest = argv[1:] if argv[:1] == ["--"] else argv  # (torchrun drops a "--" right after the script)
-    from progtuning.cli import main as cli_main
+    from progtuning.runs.cli import main as cli_main
 
     return cli_main(rest)
 

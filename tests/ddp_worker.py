@@ -12,9 +12,9 @@ the same weights, up to float summation order.
 
 Loops:
 
-* ``trainer``: :class:`~progtuning.checkpoints.ProgtuningTrainer` + :class:`~progtuning.callback.ProgtuningCallback`
+* ``trainer``: :class:`~progtuning.runs.checkpoints.ProgtuningTrainer` + :class:`~progtuning.core.callback.ProgtuningCallback`
   (what ``progtuning train`` runs); option ``hf`` uses the plain ``transformers.Trainer`` instead.
-* ``plain``: a plain PyTorch DDP loop over :class:`~progtuning.distributed.DistributedFreezer`
+* ``plain``: a plain PyTorch DDP loop over :class:`~progtuning.core.distributed.DistributedFreezer`
   (the wrapper is rebuilt whenever the trainable set changes).
 * ``naive``: a plain loop that builds DDP once and never rebuilds it — the broken baseline the
   measurements compare against. Options ``unused`` (find_unused_parameters=True), ``static``
@@ -43,7 +43,7 @@ LR = 1e-3
 
 
 def build_schedule(name: str, num_blocks: int = 4):
-    from progtuning.schedule import explicit, no_progtuning, progressive
+    from progtuning.core.schedule import explicit, no_progtuning, progressive
 
     if name == "none":  # one stage that trains everything: plain data parallelism
         return no_progtuning(num_blocks)
@@ -70,8 +70,8 @@ def run_trainer(schedule_name: str, batch: int, accumulation: int, hf: bool = Fa
     from conftest import tiny_dataset, tiny_model
     from transformers import Trainer, TrainingArguments
 
-    from progtuning.callback import ProgtuningCallback
-    from progtuning.checkpoints import ProgtuningTrainer
+    from progtuning.core.callback import ProgtuningCallback
+    from progtuning.runs.checkpoints import ProgtuningTrainer
 
     extra = {"ddp_backend": "gloo"} if "RANK" in os.environ else {}
     training = TrainingArguments(
@@ -117,8 +117,8 @@ def run_plain(loop: str, schedule_name: str, batch: int, accumulation: int, opti
     from transformers import default_data_collator
     from transformers.optimization import get_linear_schedule_with_warmup
 
-    from progtuning.distributed import DistributedFreezer
-    from progtuning.freezing import ProgressiveFreezer
+    from progtuning.core.distributed import DistributedFreezer
+    from progtuning.core.freezing import ProgressiveFreezer
 
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0

@@ -13,13 +13,13 @@ import torch
 import transformers as T
 from torch import nn
 
-from progtuning.adapters import (
+from progtuning.methods.adapters import (
     PROJECTIONS,
     BottleneckAdapter,
     add_adapters,
     adapter_parameter_names,
 )
-from progtuning.blocks import find_blocks
+from progtuning.core.blocks import find_blocks
 from progtuning.errors import ProgtuningError
 
 warnings.filterwarnings("ignore", message=".*token_id must be.*")

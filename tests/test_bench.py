@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from progtuning.bench import BenchConfig, flop_units, format_results, main, plan_variants, run_bench
+from progtuning.runs.bench import BenchConfig, flop_units, format_results, main, plan_variants, run_bench
 from progtuning.errors import ProgtuningError
 
 

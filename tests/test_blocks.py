@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_ARCHS, tiny_config, tiny_model
 from torch import nn
 
-from progtuning.blocks import EMBEDDINGS, HEAD, find_blocks
+from progtuning.core.blocks import EMBEDDINGS, HEAD, find_blocks
 from progtuning.errors import ProgtuningError
 
 # arch -> (block stack paths in order, head parameter names, embedding parameter names), seq-cls models

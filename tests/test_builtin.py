@@ -10,8 +10,8 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from progtuning import builtin
-from progtuning.builtin import (
+from progtuning.tasks import builtin
+from progtuning.tasks.builtin import (
     BUILTIN_TASKS,
     classification_metric,
     load_builtin,

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.optimization import get_linear_schedule_with_warmup
 
-from progtuning.callback import STATE_KEY, ProgtuningCallback
+from progtuning.core.callback import STATE_KEY, ProgtuningCallback
 from progtuning.errors import ProgtuningError
-from progtuning.freezing import ProgressiveFreezer
-from progtuning.schedule import progressive
+from progtuning.core.freezing import ProgressiveFreezer
+from progtuning.core.schedule import progressive
 
 LR = 1e-3
 

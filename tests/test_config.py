@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from progtuning.config import TrainConfig, coerce, load_config, parse_overrides
+from progtuning.runs.config import TrainConfig, coerce, load_config, parse_overrides
 from progtuning.errors import ProgtuningError
 
 ROOT = Path(__file__).parent.parent

@@ -13,10 +13,10 @@ import torch
 from conftest import tiny_model
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from progtuning.blocks import find_blocks
-from progtuning.counting import count_updates, plan_updates
-from progtuning.freezing import ProgressiveFreezer
-from progtuning.schedule import progressive
+from progtuning.core.blocks import find_blocks
+from progtuning.core.counting import count_updates, plan_updates
+from progtuning.core.freezing import ProgressiveFreezer
+from progtuning.core.schedule import progressive
 
 # paper.md: BERT-base, HF BertModel layout, 2-label classifier
 BERT_E = 23_837_184

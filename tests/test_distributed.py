@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_run import TESTS, final_weights, make_tiny_setup, subprocess_env, train_argv
 
-from progtuning.distributed import DistributedFreezer, check_trainer_parallelism, refuse_unsupported_parallelism
+from progtuning.core.distributed import DistributedFreezer, check_trainer_parallelism, refuse_unsupported_parallelism
 from progtuning.errors import ProgtuningError
-from progtuning.schedule import no_progtuning, progressive
+from progtuning.core.schedule import no_progtuning, progressive
 
 TOLERANCE = 1e-5
 RUNS = [
@@ -117,7 +117,7 @@ def test_a_wrapper_built_once_is_wrong_without_rebuild(two_processes, one_proces
 @needs_gloo
 @pytest.mark.slow
 def test_progtuning_train_under_torchrun_stops_resumes_and_matches_one_process(tmp_path):
-    from progtuning.cli import main
+    from progtuning.runs.cli import main
 
     model_dir, data_dir = make_tiny_setup(tmp_path, dropout=0.0)  # dropout masks differ per process count
     assert main(train_argv(model_dir, data_dir, tmp_path / "one")) == 0  # 1 process, batch 4
@@ -187,7 +187,7 @@ def test_ddp_without_unused_parameter_detection_is_refused_when_anything_freezes
 
 
 def test_fsdp_in_the_launcher_environment_stops_progtuning_train_before_loading(monkeypatch, tmp_path, capsys):
-    from progtuning.cli import main
+    from progtuning.runs.cli import main
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     model_dir, data_dir = make_tiny_setup(tmp_path)

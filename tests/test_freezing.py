@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from progtuning.blocks import EMBEDDINGS, HEAD, find_blocks
+from progtuning.core.blocks import EMBEDDINGS, HEAD, find_blocks
 from progtuning.errors import ProgtuningError
-from progtuning.freezing import ProgressiveFreezer, release_optimizer_state
-from progtuning.schedule import explicit, progressive
+from progtuning.core.freezing import ProgressiveFreezer, release_optimizer_state
+from progtuning.core.schedule import explicit, progressive
 
 STEPS_PER_STAGE = 3
 

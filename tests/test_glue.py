@@ -10,9 +10,9 @@ import datasets
 import numpy as np
 import pytest
 
-from progtuning import glue
+from progtuning.tasks import glue
 from progtuning.errors import ProgtuningError
-from progtuning.glue import GLUE_TASKS, glue_task, is_glue_task, load_glue
+from progtuning.tasks.glue import GLUE_TASKS, glue_task, is_glue_task, load_glue
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 

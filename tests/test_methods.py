@@ -19,11 +19,11 @@ import torch
 import transformers as T
 from torch import nn
 
-from progtuning.blocks import find_blocks
-from progtuning.counting import plan_updates
+from progtuning.core.blocks import find_blocks
+from progtuning.core.counting import plan_updates
 from progtuning.errors import ProgtuningError
-from progtuning.freezing import ProgressiveFreezer
-from progtuning.methods import (
+from progtuning.core.freezing import ProgressiveFreezer
+from progtuning.methods.api import (
     LORA_TARGETS,
     MethodConfig,
     apply_method,
@@ -32,7 +32,7 @@ from progtuning.methods import (
     load_method,
     save_method,
 )
-from progtuning.schedule import explicit, progressive
+from progtuning.core.schedule import explicit, progressive
 
 warnings.filterwarnings("ignore", message=".*token_id must be.*")
 

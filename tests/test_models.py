@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from progtuning import models
+from progtuning.runs import models
 from progtuning.errors import ProgtuningError
-from progtuning.models import MODEL_ALIASES, cache_root, fetch_model, resolve_model
+from progtuning.runs.models import MODEL_ALIASES, cache_root, fetch_model, resolve_model
 
 SENTENCES = ["A gripping, beautifully acted film.", "How many miles is it to the moon ?", "meh"]
 

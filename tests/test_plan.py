@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import BertConfig
 
-from progtuning.cli import main
+from progtuning.runs.cli import main
 
 
 def _plan(capsys, *args) -> dict:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from progtuning.blocks import find_blocks
+from progtuning.core.blocks import find_blocks
 from progtuning.errors import ProgtuningError
-from progtuning.freezing import ProgressiveFreezer
-from progtuning.prefix_cache import (
+from progtuning.core.freezing import ProgressiveFreezer
+from progtuning.cache.prefix_cache import (
     INDEX_COLUMN,
     ExampleIndexCollator,
     FrozenPrefixCache,
@@ -22,7 +22,7 @@ from progtuning.prefix_cache import (
     add_example_index,
     unsupported_reason,
 )
-from progtuning.schedule import progressive
+from progtuning.core.schedule import progressive
 
 PAD = {"roberta": 1, "xlm-roberta": 1}
 
@@ -170,7 +170,7 @@ def _train(model, data, collator, callbacks, tmp_path, epochs=4, lr=1e-2, batch_
 def test_trainer_run_with_the_cache_gives_the_same_weights(tmp_path):
     """Dropout on in the trainable blocks: the eval-mode prefix draws no random numbers, so the
     trainable blocks draw the same masks with and without the cache, and shuffling is keyed."""
-    from progtuning.callback import ProgtuningCallback
+    from progtuning.core.callback import ProgtuningCallback
 
     results = []
     for use_cache in (False, True):
@@ -246,7 +246,7 @@ def test_off_with_random_inputs_or_dropped_index(caplog):
 
 
 def test_a_prefix_that_trains_again_is_rebuilt_from_scratch():
-    from progtuning.schedule import explicit
+    from progtuning.core.schedule import explicit
 
     model = tiny_model("bert")
     freezer = ProgressiveFreezer(model, explicit(4, [[2, 3], [1, 2, 3], [3]], "never"))
@@ -374,9 +374,9 @@ def test_real_task_naive_no_grad_and_cached_prefix_train_identically(tmp_path):
     at lr 5e-4), the same kind of difference as putting the example in another batch."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-    from progtuning.builtin import load_builtin
-    from progtuning.callback import ProgtuningCallback
-    from progtuning.models import resolve_model
+    from progtuning.tasks.builtin import load_builtin
+    from progtuning.core.callback import ProgtuningCallback
+    from progtuning.runs.models import resolve_model
 
     path = resolve_model("minilm-l6")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from progtuning.cli import _PROBE_OPTIONS, _split_own_options
-from progtuning.config import TrainConfig, load_config
+from progtuning.runs.cli import _PROBE_OPTIONS, _split_own_options
+from progtuning.runs.config import TrainConfig, load_config
 from progtuning.errors import ProgtuningError
-from progtuning.probe import probe_specs, run_probe
-from progtuning.sweep import RunSpec
+from progtuning.runs.probe import probe_specs, run_probe
+from progtuning.runs.sweep import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_probe_specs_train_embeddings_plus_one_block(tmp_path):
     for spec in specs:
         load_config(None, spec.config)
     # the built schedule is one stage with that one block, embeddings on
-    from progtuning.train import build_schedule
+    from progtuning.runs.train import build_schedule
 
     schedule = build_schedule(load_config(None, block3.config), 6)
     assert [(s.blocks, s.train_embeddings) for s in schedule.stages] == [((3,), True)]
@@ -125,7 +125,7 @@ def test_shipped_probe_configs_load():
 
 @pytest.mark.slow
 def test_real_probe_of_one_block_on_a_tiny_budget(tmp_path, capsys):
-    from progtuning.cli import main
+    from progtuning.runs.cli import main
 
     code = main([
         "probe", "--task", "rotten-tomatoes", "--model", "minilm-l6", "--blocks", "5", "--no-full",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from progtuning.errors import ProgtuningError
-from progtuning.report import REPORT_BEGIN, REPORT_END, build_report, load_runs, run_mode, summarize_runs
+from progtuning.runs.report import REPORT_BEGIN, REPORT_END, build_report, load_runs, run_mode, summarize_runs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 
@@ -174,7 +174,7 @@ def test_nothing_to_report_is_a_user_error(tmp_path):
 
 
 def test_report_cli(tmp_path, capsys):
-    from progtuning.cli import main
+    from progtuning.runs.cli import main
 
     assert main(["report", str(FIXTURES), "--out", str(tmp_path / "r"), "--no-plots"]) == 0
     assert "11 runs, 3 table rows, 0 probe(s)" in capsys.readouterr().out
@@ -187,8 +187,8 @@ def test_probe_folders_are_reported_as_probes_not_as_sweep_runs(tmp_path):
 
     from test_probe import stub_runner
 
-    from progtuning.config import TrainConfig
-    from progtuning.probe import run_probe
+    from progtuning.runs.config import TrainConfig
+    from progtuning.runs.probe import run_probe
 
     shutil.copytree(FIXTURES, tmp_path / "sweep")
     probe_dir = tmp_path / "probe" / "trec6"

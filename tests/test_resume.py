@@ -28,14 +28,14 @@ from conftest import tiny_dataset, tiny_model
 from tiny_run import final_weights, make_tiny_setup, run_cli, train_argv
 from transformers import TrainingArguments
 
-from progtuning.callback import ProgtuningCallback
-from progtuning.checkpoints import (
+from progtuning.core.callback import ProgtuningCallback
+from progtuning.runs.checkpoints import (
     ProgtuningTrainer,
     clean_partial_checkpoints,
     last_checkpoint,
     rotate_checkpoints,
 )
-from progtuning.cli import main
+from progtuning.runs.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_resume_without_a_checkpoint_is_one_line(setup, tmp_path, capsys):
 def test_state_files_round_trip_exactly_without_pickle(tmp_path):
     import numpy as np
 
-    from progtuning.checkpoints import load_state, save_state
+    from progtuning.runs.checkpoints import load_state, save_state
 
     state = {
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3).to(torch.bfloat16)}},

@@ -24,9 +24,9 @@ import pytest
 import torch
 from tiny_run import TESTS, make_tiny_setup, subprocess_env, train_argv
 
-from progtuning.checkpoints import check_checkpoint
-from progtuning.cli import main
-from progtuning.config import load_config
+from progtuning.runs.checkpoints import check_checkpoint
+from progtuning.runs.cli import main
+from progtuning.runs.config import load_config
 from progtuning.errors import ProgtuningError
 
 

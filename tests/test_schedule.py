@@ -8,7 +8,7 @@ import math
 import pytest
 
 from progtuning.errors import ProgtuningError
-from progtuning.schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
+from progtuning.core.schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
 
 
 # -- parts and stage blocks ----------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_describe_lists_stages():
 
 def test_schedule_is_pure_data():
     # no torch needed: the module must import and work without it (checked by module contents)
-    import progtuning.schedule as module
+    import progtuning.core.schedule as module
 
     assert "torch" not in vars(module)
     assert math.isclose(progressive(12, 3, unit="fraction").stages[2].start, 2 / 3)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from progtuning.errors import ProgtuningError
-from progtuning.squad import (
+from progtuning.tasks.squad import (
     load_squad,
     postprocess_predictions,
     prepare_eval_features,

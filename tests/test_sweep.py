@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from progtuning.config import load_config
+from progtuning.runs.config import load_config
 from progtuning.errors import ProgtuningError
-from progtuning.sweep import RunSpec, Sweep, expand_sweep, load_sweep, run_sweep, write_run_config
+from progtuning.runs.sweep import RunSpec, Sweep, expand_sweep, load_sweep, run_sweep, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -219,7 +219,7 @@ def test_shipped_sweep_configs_expand(tmp_path):
 
 
 def test_sweep_cli_dry_run(tmp_path, capsys):
-    from progtuning.cli import main
+    from progtuning.runs.cli import main
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_sweep(tmp_path)))
@@ -243,7 +243,7 @@ def test_a_real_tiny_sweep_run_in_a_subprocess(tmp_path):
     run_dir = sweep.runs[0].run_dir
     results = json.loads((run_dir / "results.json").read_text())
     assert results["config"]["method"] == "bitfit" and results["task"]["sizes"]["train"] == 16
-    assert (run_dir / "config.yaml").is_file() and "progtuning.cli train" in (run_dir / "train.log").read_text()
+    assert (run_dir / "config.yaml").is_file() and "-m progtuning train" in (run_dir / "train.log").read_text()
     assert not (run_dir / "model").exists()
     lines.clear()
     outcomes = run_sweep(sweep, echo=lines.append)

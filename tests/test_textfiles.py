@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from progtuning.errors import ProgtuningError
-from progtuning.textfiles import load_text_files
+from progtuning.tasks.textfiles import load_text_files
 
 FIXTURES = Path(__file__).parent / "fixtures" / "textfiles"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from progtuning.builtin import load_builtin
-from progtuning.cli import main
+from progtuning.tasks.builtin import load_builtin
+from progtuning.runs.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "textfiles"
 TINY = ["--max-train-examples", "16", "--max-eval-examples", "8", "--max-length", "16", "--epochs", "1"]

@@ -10,15 +10,15 @@ freeze one by one and the higher blocks train longest::
 or, in a plain PyTorch loop, :class:`ProgressiveFreezer` with a :func:`progressive` schedule.
 """
 
-from .blocks import BlockLayout, find_blocks
-from .callback import ProgtuningCallback
-from .checkpoints import ProgtuningTrainer
-from .counting import Accounting, count_updates, plan_updates
-from .distributed import DistributedFreezer
-from .errors import ProgtuningError
-from .freezing import ProgressiveFreezer, release_optimizer_state
-from .methods import MethodConfig, apply_method, load_method, save_method
-from .schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
+from progtuning.core.blocks import BlockLayout, find_blocks
+from progtuning.core.callback import ProgtuningCallback
+from progtuning.runs.checkpoints import ProgtuningTrainer
+from progtuning.core.counting import Accounting, count_updates, plan_updates
+from progtuning.core.distributed import DistributedFreezer
+from progtuning.errors import ProgtuningError
+from progtuning.core.freezing import ProgressiveFreezer, release_optimizer_state
+from progtuning.methods.api import MethodConfig, apply_method, load_method, save_method
+from progtuning.core.schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
 
 __all__ = [
     "Accounting",

@@ -14,7 +14,7 @@ pre-activation near zero, right at ReLU's kink: with ReLU a unit whose pre-activ
 for every token (common when token states are nearly parallel, as in deep or small models) never
 gets a gradient, while GELU has one everywhere. ``activation="relu"`` gives Pfeiffer's original.
 
-Where the adapters go, per block (found by :func:`progtuning.blocks.find_blocks`, so every adapter
+Where the adapters go, per block (found by :func:`progtuning.core.blocks.find_blocks`, so every adapter
 parameter belongs to its block and Progtuning freezes it with its block):
 
 * ``houlsby``: two adapters, one on the attention output projection and one on the feed-forward
@@ -39,8 +39,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .blocks import find_blocks
-from .errors import ProgtuningError
+from progtuning.core.blocks import find_blocks
+from progtuning.errors import ProgtuningError
 
 AdapterType = Literal["houlsby", "pfeiffer"]
 ADAPTER_TYPES: tuple[str, ...] = ("houlsby", "pfeiffer")
@@ -108,7 +108,7 @@ def add_adapters(
     """Attach bottleneck adapters inside every block of ``model``; returns the adapters' module names.
 
     The adapters are created on the device and in the dtype of the projection they follow. Nothing
-    is frozen here: :func:`progtuning.methods.apply_method` decides what trains.
+    is frozen here: :func:`progtuning.methods.api.apply_method` decides what trains.
     """
     if adapter_type not in ADAPTER_TYPES:
         raise ProgtuningError(f"unknown adapter type {adapter_type!r}: use one of {', '.join(ADAPTER_TYPES)}")

@@ -1,6 +1,6 @@
 """The nine GLUE tasks: their columns, labels and official metrics, and loading their data.
 
-:func:`glue_task` describes a task as a :class:`~progtuning.tasks.TextTask`; :func:`load_glue`
+:func:`glue_task` describes a task as a :class:`~progtuning.tasks.registry.TextTask`; :func:`load_glue`
 returns that task with its data as a ``datasets.DatasetDict`` shaped like the Hub's ``glue``
 dataset (HF column names, ``label`` ids, ``idx``), read either from the Hub or offline from GLUE's
 own distributed TSV files (or HF's parquet/JSON exports of them).
@@ -24,7 +24,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from progtuning.errors import ProgtuningError
-from progtuning.tasks import MetricFn, TextTask
+from progtuning.tasks.registry import MetricFn, TextTask
 
 if TYPE_CHECKING:
     from datasets import DatasetDict

@@ -1,9 +1,9 @@
 """What a text task is: columns, labels, metric — the one shape every task source returns.
 
-GLUE (:mod:`progtuning.glue`), the built-in offline tasks (:mod:`progtuning.builtin`) and a
-user's own CSV/TSV/JSONL files (:mod:`progtuning.textfiles`) all describe themselves with a
-:class:`TextTask` and hand back a ``datasets.DatasetDict``; :mod:`progtuning.train` only ever sees
-these two objects. SQuAD is extractive QA, not a text task, and lives in :mod:`progtuning.squad`.
+GLUE (:mod:`progtuning.tasks.glue`), the built-in offline tasks (:mod:`progtuning.tasks.builtin`) and a
+user's own CSV/TSV/JSONL files (:mod:`progtuning.tasks.textfiles`) all describe themselves with a
+:class:`TextTask` and hand back a ``datasets.DatasetDict``; :mod:`progtuning.runs.train` only ever sees
+these two objects. SQuAD is extractive QA, not a text task, and lives in :mod:`progtuning.tasks.squad`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .errors import ProgtuningError
+from progtuning.errors import ProgtuningError
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -52,12 +52,14 @@ def is_squad(name: str) -> bool:
 
 
 def load_text_task(config) -> tuple[TextTask, "DatasetDict"]:
-    """The task and its splits for a :class:`~progtuning.config.TrainConfig`, subsampled as asked.
+    """The task and its splits for a :class:`~progtuning.runs.config.TrainConfig`, subsampled as asked.
 
     Dispatch: ``files`` → the user's CSV/TSV/JSONL; a built-in name → the offline packages;
     a GLUE name → the hub or ``data_dir``. Anything else is a one-line error listing the choices.
     """
-    from . import builtin, glue, textfiles
+    import progtuning.tasks.builtin as builtin
+    import progtuning.tasks.glue as glue
+    import progtuning.tasks.textfiles as textfiles
 
     name = config.task
     if name == "files" or config.train_file:

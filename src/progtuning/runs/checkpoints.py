@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .errors import ProgtuningError
+from progtuning.errors import ProgtuningError
 
 logger = logging.getLogger("progtuning")
 
@@ -444,7 +444,7 @@ def _read_trainer_state(path: Path, fix: str) -> dict:
 
 
 def _check_progtuning_entry(path: Path, state: dict, schedule, block_paths) -> None:
-    from .callback import STATE_KEY
+    from progtuning.core.callback import STATE_KEY
 
     saved = (state.get("stateful_callbacks") or {}).get(STATE_KEY)
     if not isinstance(saved, dict):
@@ -666,7 +666,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
     A forward hook on the model reads ``outputs.loss`` (the Trainer's logged mean hides NaNs, see
     ``logging_nan_inf_filter``); raising there stops the run before backward and the optimizer
     step, so no checkpoint of the broken state is written. ``progtuning`` is the
-    :class:`~progtuning.callback.ProgtuningCallback` whose stage the message names. Costs one
+    :class:`~progtuning.core.callback.ProgtuningCallback` whose stage the message names. Costs one
     host-device sync per micro-batch.
     """
 

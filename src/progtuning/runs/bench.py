@@ -2,7 +2,7 @@
 
 Run it (CPU, one thread, the MiniLM shape)::
 
-    python -m progtuning.bench --hidden 384 --layers 12 --heads 12 --intermediate 1536 \\
+    python -m progtuning.runs.bench --hidden 384 --layers 12 --heads 12 --intermediate 1536 \\
         --seq 128 --batch 16 --stages 4 --rounds 3 --threads 1 --json bench.json
 
 What it does, in one process on a randomly initialised model of the given shape:
@@ -39,7 +39,7 @@ What it does, in one process on a randomly initialised model of the given shape:
   ``release_optimizer_state``. ``activations_mb`` is what autograd saved for backward in that step
   (counted with ``saved_tensors_hooks``): zero below the lowest trainable block means no graph there.
 * **Callback overhead.** The HF ``Trainer`` on the same model and batch, with and without
-  :class:`~progtuning.callback.ProgtuningCallback` in its first stage (everything trains).
+  :class:`~progtuning.core.callback.ProgtuningCallback` in its first stage (everything trains).
 
 Never assert on these timings in tests: they are benchmarks, noisy on a shared machine.
 """
@@ -64,11 +64,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .blocks import find_blocks
-from .errors import ProgtuningError
-from .freezing import ProgressiveFreezer
-from .prefix_cache import INDEX_COLUMN, FrozenPrefixCache
-from .schedule import progressive
+from progtuning.core.blocks import find_blocks
+from progtuning.errors import ProgtuningError
+from progtuning.core.freezing import ProgressiveFreezer
+from progtuning.cache.prefix_cache import INDEX_COLUMN, FrozenPrefixCache
+from progtuning.core.schedule import progressive
 
 ARCHS = ("bert", "roberta", "mpnet", "electra", "distilbert")
 POLICIES = ("always", "first_stage", "never")
@@ -187,7 +187,7 @@ def make_batch(config: BenchConfig, batch: int, vocab: int, device) -> dict[str,
 def batch_dataset(batch: dict[str, torch.Tensor]):
     import datasets
 
-    from .prefix_cache import add_example_index
+    from progtuning.cache.prefix_cache import add_example_index
 
     rows = {k: v.cpu().tolist() for k, v in batch.items()}
     return add_example_index(datasets.Dataset.from_dict(rows))
@@ -459,7 +459,7 @@ class _Bench:
 
 
 def _two_stage(num_blocks: int, lowest: int, policy: str):
-    from .schedule import explicit
+    from progtuning.core.schedule import explicit
 
     return explicit(num_blocks, [range(num_blocks), range(lowest, num_blocks)], policy)
 
@@ -579,7 +579,7 @@ def _trainer_step_times(
 ) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from .callback import ProgtuningCallback
+    from progtuning.core.callback import ProgtuningCallback
 
     ends: list[float] = []
 
@@ -875,7 +875,7 @@ def format_results(results: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``progtuning bench`` options (the CLI subcommand and ``python -m progtuning.bench``)."""
+    """The ``progtuning bench`` options (the CLI subcommand and ``python -m progtuning.runs.bench``)."""
     d = BenchConfig()
     parser.add_argument("--arch", default=d.arch, choices=ARCHS, help="model family of the random model")
     parser.add_argument("--hidden", type=int, default=d.hidden)

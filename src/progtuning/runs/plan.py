@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .blocks import find_blocks
-from .counting import plan_updates
-from .errors import ProgtuningError
-from .freezing import ProgressiveFreezer
-from .schedule import explicit, progressive
+from progtuning.core.blocks import find_blocks
+from progtuning.core.counting import plan_updates
+from progtuning.errors import ProgtuningError
+from progtuning.core.freezing import ProgressiveFreezer
+from progtuning.core.schedule import explicit, progressive
 
 
 def build_plan(
@@ -30,9 +30,9 @@ def build_plan(
     task_type: str = "seq_cls",
 ) -> dict:
     """The plan as one JSON-ready dict (see ``progtuning plan --json``)."""
-    from .config import TrainConfig
-    from .methods import apply_method
-    from .train import method_config
+    from progtuning.runs.config import TrainConfig
+    from progtuning.methods.api import apply_method
+    from progtuning.runs.train import method_config
 
     config = _load_config(model)
     config.num_labels = num_labels
@@ -148,7 +148,7 @@ def _ranges(blocks: list[int]) -> str:
 def _load_config(model: str):
     from transformers import AutoConfig
 
-    from .models import resolve_model
+    from progtuning.runs.models import resolve_model
 
     path = resolve_model(model)
     try:

@@ -18,7 +18,7 @@ import json
 import shlex
 import sys
 
-from .errors import ProgtuningError
+from progtuning.errors import ProgtuningError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ProgtuningError as error:
         exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (checkpoints.TrainingStopped)
         if exit_code is not None:
-            from .distributed import launcher_rank
+            from progtuning.core.distributed import launcher_rank
 
             if launcher_rank() == 0:  # several processes: say it once
                 print(error.message(_resume_command(argv)), file=sys.stderr)
@@ -61,7 +61,7 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import config_help
+    from progtuning.runs.config import config_help
 
     parser = argparse.ArgumentParser(prog="progtuning", description="Progressive fine-tuning for Transformers.")
     commands = parser.add_subparsers(dest="command")
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     models.set_defaults(handler=_models)
 
-    from .bench import add_arguments as add_bench_arguments
+    from progtuning.runs.bench import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="step time and peak memory: full fine-tuning vs each Progtuning stage")
     add_bench_arguments(bench)
@@ -154,11 +154,11 @@ def _split_own_options(tokens: list[str], options: dict) -> tuple[list[str], lis
 
 
 def _train(args, rest: list[str]) -> int:
-    from .config import load_config, parse_overrides
-    from .train import run
-    from .report import print_run_summary
+    from progtuning.runs.config import load_config, parse_overrides
+    from progtuning.runs.train import run
+    from progtuning.runs.report import print_run_summary
 
-    from .distributed import launcher_rank
+    from progtuning.core.distributed import launcher_rank
 
     config = load_config(args.config, parse_overrides(rest))
     results = run(config)
@@ -168,7 +168,7 @@ def _train(args, rest: list[str]) -> int:
 
 
 def _plan(args, rest: list[str]) -> int:
-    from .plan import build_plan, render_plan
+    from progtuning.runs.plan import build_plan, render_plan
 
     plan = build_plan(
         args.model,
@@ -188,7 +188,7 @@ def _plan(args, rest: list[str]) -> int:
 
 
 def _models(args, rest: list[str]) -> int:
-    from .models import MODEL_ALIASES, fetch_model
+    from progtuning.runs.models import MODEL_ALIASES, fetch_model
 
     if args.action == "fetch":
         if not args.name:
@@ -201,14 +201,14 @@ def _models(args, rest: list[str]) -> int:
 
 
 def _bench(args, rest: list[str]) -> int:
-    from .bench import run_from_args
+    from progtuning.runs.bench import run_from_args
 
     run_from_args(args)
     return 0
 
 
 def _sweep(args, rest: list[str]) -> int:
-    from .sweep import load_sweep, run_sweep, summarize
+    from progtuning.runs.sweep import load_sweep, run_sweep, summarize
 
     sweep = load_sweep(args.config, output_dir=args.output_dir, parallel=args.parallel)
     outcomes = run_sweep(sweep, dry_run=args.dry_run)
@@ -216,7 +216,7 @@ def _sweep(args, rest: list[str]) -> int:
 
 
 def _report(args, rest: list[str]) -> int:
-    from .report import build_report
+    from progtuning.runs.report import build_report
 
     written = build_report(
         args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots
@@ -226,8 +226,8 @@ def _report(args, rest: list[str]) -> int:
 
 
 def _probe(args, rest: list[str]) -> int:
-    from .config import load_config, parse_overrides
-    from .probe import run_probe
+    from progtuning.runs.config import load_config, parse_overrides
+    from progtuning.runs.probe import run_probe
 
     def ints(text: str | None) -> list[int] | None:
         try:

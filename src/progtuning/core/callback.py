@@ -1,4 +1,4 @@
-"""A thin Hugging Face ``TrainerCallback`` over :class:`~progtuning.freezing.ProgressiveFreezer`.
+"""A thin Hugging Face ``TrainerCallback`` over :class:`~progtuning.core.freezing.ProgressiveFreezer`.
 
 Drop it into any ``Trainer``::
 
@@ -29,11 +29,11 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
-from .blocks import find_blocks
-from .distributed import check_trainer_parallelism
-from .errors import ProgtuningError
-from .freezing import ProgressiveFreezer, StageChange
-from .schedule import EmbeddingPolicy, Schedule, Unit, progressive
+from progtuning.core.blocks import find_blocks
+from progtuning.core.distributed import check_trainer_parallelism
+from progtuning.errors import ProgtuningError
+from progtuning.core.freezing import ProgressiveFreezer, StageChange
+from progtuning.core.schedule import EmbeddingPolicy, Schedule, Unit, progressive
 
 # Our entry in TrainerState.stateful_callbacks: it is saved in every checkpoint's trainer_state.json and
 # comes back with it on resume, wherever the checkpoint lies (not a callback class name, so the Trainer

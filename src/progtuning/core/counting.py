@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from .blocks import HEAD
-from .freezing import ProgressiveFreezer
+from progtuning.core.blocks import HEAD
+from progtuning.core.freezing import ProgressiveFreezer
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ the results.json are the same as everywhere else. As a reference line the same b
 every block without Progtuning (``full``; skip with ``--no-full``). A head-only reference is not
 offered: a schedule stage needs at least one block.
 
-Each run is a sweep run (:mod:`progtuning.sweep`): a fresh process, its own folder
+Each run is a sweep run (:mod:`progtuning.runs.sweep`): a fresh process, its own folder
 ``OUT/block<i>/seed<k>`` (and ``OUT/full/seed<k>``), skipped when finished, so an interrupted probe
 continues. The score is the task's main metric on the **validation** split (as the paper's dev
 set); test scores are kept too. ``OUT/probe.json`` holds every number and ``OUT/probe.png`` the
@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, load_config
-from .errors import ProgtuningError
-from .sweep import RunSpec, Runner, Sweep, run_sweep, subprocess_runner
+from progtuning.runs.config import TrainConfig, load_config
+from progtuning.errors import ProgtuningError
+from progtuning.runs.sweep import RunSpec, Runner, Sweep, run_sweep, subprocess_runner
 
 PROBE_FILE = "probe.json"
 PLOT_FILE = "probe.png"
@@ -37,7 +37,7 @@ PLOT_FILE = "probe.png"
 
 def num_blocks_of(config: TrainConfig) -> int:
     """The model's block count, from its config alone (no weights loaded)."""
-    from .plan import build_plan
+    from progtuning.runs.plan import build_plan
 
     return int(build_plan(config.model, epochs=1, stages=1, method=config.method, blocks=config.blocks)["num_blocks"])
 

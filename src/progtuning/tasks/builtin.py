@@ -2,7 +2,7 @@
 
 This module owns the task names in :data:`BUILTIN_TASKS`, the readers for their source files, the
 fixed train/validation/test splits, the optional subsampling and the metric functions (which
-:mod:`progtuning.textfiles` reuses). Nothing is downloaded: the files ship inside the packages
+:mod:`progtuning.tasks.textfiles` reuses). Nothing is downloaded: the files ship inside the packages
 listed in ``requirements-offline.txt`` and are located with :func:`importlib.util.find_spec`.
 
 Sources (package → file):
@@ -67,7 +67,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from progtuning.errors import ProgtuningError
-from progtuning.tasks import MetricFn, TextTask
+from progtuning.tasks.registry import MetricFn, TextTask
 
 SPLIT_SEED = 0
 SPLITS = ("train", "validation", "test")
@@ -300,7 +300,7 @@ def builtin_task(name: str) -> TextTask:
         metric=metric,
         main_metric=spec.main_metric,
         label_names=label_names,
-        # scored during training; test is scored once, after training (progtuning.train)
+        # scored during training; test is scored once, after training (progtuning.runs.train)
         eval_splits=("validation",),
         description=spec.description,
         extra={"split_seed": SPLIT_SEED, "splits": "80/10/10 stratified"},

@@ -1,7 +1,7 @@
 """A user's own text task from CSV, TSV or JSONL files: reading, label mapping and checks.
 
 This module owns :func:`load_text_files`, which turns one to three files (train, and optionally
-validation and test) into a :class:`~progtuning.tasks.TextTask` and a ``datasets.DatasetDict``.
+validation and test) into a :class:`~progtuning.tasks.registry.TextTask` and a ``datasets.DatasetDict``.
 
 Formats, by file extension:
 
@@ -43,9 +43,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from progtuning.builtin import classification_metric, regression_metric
+from progtuning.tasks.builtin import classification_metric, regression_metric
 from progtuning.errors import ProgtuningError
-from progtuning.tasks import TextTask
+from progtuning.tasks.registry import TextTask
 
 VALIDATION_FRACTION = 0.1
 SPLIT_SEED = 0

@@ -5,13 +5,13 @@ This is the only module that knows the datasets and the Trainer together. ``run(
 1. checks everything the user gave (task, columns, labels, model, output folder) before writing
    anything, so a mistake leaves nothing half-written;
 2. tokenizes the splits, applies the fine-tuning method, and trains with
-   :class:`~progtuning.callback.ProgtuningCallback` (the baseline uses the same callback with a
+   :class:`~progtuning.core.callback.ProgtuningCallback` (the baseline uses the same callback with a
    single all-trainable stage, so both runs are logged and measured the same way);
 3. evaluates the validation split(s), and the test split once at the very end (model selection
    never looks at test), saves model and tokenizer, and writes ``OUTPUT_DIR/results.json``.
 
 SQuAD runs the same loop with a question-answering head; its predictions are post-processed
-outside the Trainer (:mod:`progtuning.squad`).
+outside the Trainer (:mod:`progtuning.tasks.squad`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .callback import ProgtuningCallback
-from .prefix_cache import (
+from progtuning.core.callback import ProgtuningCallback
+from progtuning.cache.prefix_cache import (
     ExampleIndexCollator,
     FrozenPrefixCache,
     PrefixCacheCallback,
@@ -41,11 +41,11 @@ from .prefix_cache import (
     input_reason,
     unsupported_reason,
 )
-from .config import TrainConfig
-from .counting import count_updates
-from .distributed import launcher_rank
-from .errors import ProgtuningError
-from .schedule import Schedule, explicit, no_progtuning, progressive
+from progtuning.runs.config import TrainConfig
+from progtuning.core.counting import count_updates
+from progtuning.core.distributed import launcher_rank
+from progtuning.errors import ProgtuningError
+from progtuning.core.schedule import Schedule, explicit, no_progtuning, progressive
 
 logger = logging.getLogger("progtuning")
 
@@ -87,7 +87,7 @@ def run(config: TrainConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.progtuning:
-        from .distributed import refuse_unsupported_parallelism
+        from progtuning.core.distributed import refuse_unsupported_parallelism
 
         refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
     prepared = prepare(config)
@@ -106,21 +106,21 @@ def prepare(config: TrainConfig) -> Prepared:
     """Load and check the task, the tokenizer and the model, and apply the fine-tuning method."""
     from transformers import set_seed
 
-    from .models import resolve_model
-    from .tasks import is_squad
+    from progtuning.runs.models import resolve_model
+    from progtuning.tasks.registry import is_squad
 
     is_qa = is_squad(config.task)
     if is_qa:
-        from .squad import load_squad
+        from progtuning.tasks.squad import load_squad
 
-        from .tasks import SQUAD_TASKS, subsample
+        from progtuning.tasks.registry import SQUAD_TASKS, subsample
 
         version = SQUAD_TASKS[config.task.lower()]
         task = QATask(name=f"squad-v{version}", version=version)
         data = load_squad(version, config.data_dir)
         data = subsample(data, config.max_train_examples, config.max_eval_examples, config.seed)
     else:
-        from .tasks import load_text_task
+        from progtuning.tasks.registry import load_text_task
 
         task, data = load_text_task(config)
         check_text_data(task, data)
@@ -227,13 +227,13 @@ def _model_error(name: str, error: Exception) -> str:
 
 
 def _apply_method(model, config: TrainConfig, is_qa: bool):
-    from .methods import apply_method
+    from progtuning.methods.api import apply_method
 
     return apply_method(model, method_config(config), task_type="qa" if is_qa else "seq_cls")
 
 
 def method_config(config: TrainConfig):
-    from .methods import MethodConfig
+    from progtuning.methods.api import MethodConfig
 
     return MethodConfig(
         name=config.method,
@@ -265,7 +265,7 @@ def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
 def _train(prepared: Prepared, output_dir: Path) -> dict:
     from transformers import DataCollatorWithPadding, TrainingArguments, default_data_collator
 
-    from .checkpoints import (
+    from progtuning.runs.checkpoints import (
         ProgtuningTrainer,
         StopOnNonFiniteLoss,
         StopOnSignal,
@@ -275,7 +275,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         last_checkpoint,
     )
 
-    from .blocks import find_blocks
+    from progtuning.core.blocks import find_blocks
 
     config, model, tokenizer = prepared.config, prepared.model, prepared.tokenizer
     layout = find_blocks(model, blocks=config.blocks)
@@ -458,7 +458,7 @@ def tokenize_text(task, data, tokenizer, max_length: int):
 
 def tokenize_qa(data, tokenizer, config: TrainConfig):
     """SQuAD windows: train features with answer positions; eval features plus what post-processing needs."""
-    from .squad import prepare_eval_features, prepare_train_features
+    from progtuning.tasks.squad import prepare_eval_features, prepare_train_features
 
     window = dict(tokenizer=tokenizer, max_length=config.max_length, doc_stride=config.doc_stride)
     train = data["train"].map(
@@ -485,7 +485,7 @@ def tokenize_qa(data, tokenizer, config: TrainConfig):
 
 def evaluate_qa(trainer, examples, model_inputs, features, task: QATask) -> dict:
     """Predict start/end logits, turn them into answer strings, and score them (EM/F1)."""
-    from .squad import postprocess_predictions, squad_metrics
+    from progtuning.tasks.squad import postprocess_predictions, squad_metrics
 
     output = trainer.predict(model_inputs)
     start_logits, end_logits = output.predictions[:2]
@@ -518,7 +518,7 @@ def _strip_prefix(metrics: dict, prefix: str) -> dict:
 
 
 def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
-    from .methods import save_method
+    from progtuning.methods.api import save_method
 
     model_dir = output_dir / "model"
     if config.method == "full":

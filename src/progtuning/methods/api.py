@@ -2,14 +2,14 @@
 
 :func:`apply_method` turns a freshly loaded model into the method's model and leaves exactly the
 method's *trainable set* requiring grad. Call it before the optimizer and before
-:class:`~progtuning.freezing.ProgressiveFreezer`, which captures that set once and only ever
+:class:`~progtuning.core.freezing.ProgressiveFreezer`, which captures that set once and only ever
 freezes inside it::
 
     model = apply_method(model, MethodConfig(name="lora"))
     freezer = ProgressiveFreezer(model, progressive(num_blocks=6, num_stages=3))
     optimizer = torch.optim.AdamW(freezer.trainable_parameters(), lr=5e-4)
 
-The trainable set of each method. Every method trains the *head* as :func:`~progtuning.blocks.find_blocks`
+The trainable set of each method. Every method trains the *head* as :func:`~progtuning.core.blocks.find_blocks`
 defines it (classifier, pre-classifier, pooler, QA outputs, and final norms after the last
 block), because a new task head starts untrained:
 
@@ -18,7 +18,7 @@ block), because a new task head starts untrained:
   :data:`LORA_TARGETS`) plus the head, which peft trains as ``modules_to_save`` copies.
 * ``peft``: any other peft method, from a peft config JSON (``peft_config_path``); the head is
   added to its ``modules_to_save`` where that config has one.
-* ``adapter``: bottleneck adapters (:mod:`progtuning.adapters`) plus the head, plus the block
+* ``adapter``: bottleneck adapters (:mod:`progtuning.methods.adapters`) plus the head, plus the block
   LayerNorms when ``adapter_train_layernorm`` (default: yes for Houlsby, as in the Houlsby paper;
   no for Pfeiffer).
 * ``bitfit``: every bias (embedding and block LayerNorm biases included) plus the head.
@@ -52,9 +52,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .adapters import ADAPTER_TYPES, ACTIVATIONS, add_adapters, adapter_parameter_names
-from .blocks import HEAD, HEAD_MODULE_NAMES, find_blocks
-from .errors import ProgtuningError
+from progtuning.methods.adapters import ADAPTER_TYPES, ACTIVATIONS, add_adapters, adapter_parameter_names
+from progtuning.core.blocks import HEAD, HEAD_MODULE_NAMES, find_blocks
+from progtuning.errors import ProgtuningError
 
 METHODS: tuple[str, ...] = ("full", "lora", "adapter", "bitfit", "peft")
 TASK_TYPES: dict[str, str] = {"seq_cls": "SEQ_CLS", "qa": "QUESTION_ANS"}  # ours -> peft's TaskType
@@ -177,7 +177,7 @@ def apply_method(model: nn.Module, config: MethodConfig, task_type: str | None =
 
     ``task_type`` is ``"seq_cls"`` or ``"qa"`` (default: read from the model class); LoRA and
     other peft methods need it to pick peft's model wrapper. Call this before building the
-    optimizer or the :class:`~progtuning.freezing.ProgressiveFreezer`.
+    optimizer or the :class:`~progtuning.core.freezing.ProgressiveFreezer`.
     """
     task_type = task_type or _task_type_of(model)
     if task_type not in TASK_TYPES:

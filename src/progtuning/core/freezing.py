@@ -9,7 +9,7 @@ On every switch, parameters that stop training get ``.grad = None`` (a zero grad
 still let AdamW move them through momentum and weight decay) and their optimizer state is
 dropped, which frees the AdamW moments. Frozen blocks can also run in eval mode (their dropout
 off), and so can the embeddings in stages that freeze them: their forward gets cheaper and
-deterministic, which is also what lets the frozen prefix be cached (:mod:`progtuning.prefix_cache`).
+deterministic, which is also what lets the frozen prefix be cached (:mod:`progtuning.cache.prefix_cache`).
 
 The optimizer must be built over the whole trainable set *before* the first stage is applied:
 the HF Trainer (and most loops) only hand parameters that require grad at that moment to the
@@ -33,9 +33,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .blocks import EMBEDDINGS, HEAD, BlockLayout, find_blocks
-from .errors import ProgtuningError
-from .schedule import Schedule, Stage
+from progtuning.core.blocks import EMBEDDINGS, HEAD, BlockLayout, find_blocks
+from progtuning.errors import ProgtuningError
+from progtuning.core.schedule import Schedule, Stage
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence, Union
 
 from torch import nn
 
-from .errors import ProgtuningError
+from progtuning.errors import ProgtuningError
 
 Group = Union[str, int]  # "embeddings", "head" or a block index
 EMBEDDINGS = "embeddings"

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import ProgtuningError
-from .schedule import EMBEDDING_POLICIES, UNITS
+from progtuning.errors import ProgtuningError
+from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
 
 METHODS = ("full", "lora", "adapter", "bitfit", "peft")  # peft: any peft method from --peft-config
 

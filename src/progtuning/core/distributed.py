@@ -50,10 +50,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .blocks import BlockLayout
-from .errors import ProgtuningError
-from .freezing import ProgressiveFreezer, StageChange
-from .schedule import Schedule
+from progtuning.core.blocks import BlockLayout
+from progtuning.errors import ProgtuningError
+from progtuning.core.freezing import ProgressiveFreezer, StageChange
+from progtuning.core.schedule import Schedule
 
 
 def world_size() -> int:
@@ -185,7 +185,7 @@ def refuse_unsupported_parallelism(args=None) -> None:
 def check_trainer_parallelism(args, model: nn.Module | None, schedule: Schedule) -> str:
     """What the Trainer does with ``args`` in this process: ``"single"`` or ``"ddp"``; refuse the rest.
 
-    Called by :class:`~progtuning.callback.ProgtuningCallback` at ``on_train_begin``, after the
+    Called by :class:`~progtuning.core.callback.ProgtuningCallback` at ``on_train_begin``, after the
     Trainer built its DDP wrapper and before the first stage is applied — so the wrapper registered
     every parameter any stage trains, and ``find_unused_parameters=True`` (the Trainer's default)
     lets it skip whichever are frozen in a step and take them back when they train again (measured

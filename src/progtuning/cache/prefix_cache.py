@@ -71,8 +71,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .blocks import EMBEDDINGS, BlockLayout, find_blocks
-from .errors import ProgtuningError
+from progtuning.core.blocks import EMBEDDINGS, BlockLayout, find_blocks
+from progtuning.errors import ProgtuningError
 
 logger = logging.getLogger("progtuning")
 

@@ -27,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Literal, Sequence
 
-from .errors import ProgtuningError
+from progtuning.errors import ProgtuningError
 
 EmbeddingPolicy = Literal["always", "first_stage", "never"]
 Unit = Literal["epoch", "fraction"]

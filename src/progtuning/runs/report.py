@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ProgtuningError
+from progtuning.errors import ProgtuningError
 
 
 def print_run_summary(results: dict) -> None:
@@ -60,7 +60,7 @@ def print_run_summary(results: dict) -> None:
 # score is the task's main metric on one split (default: test; no model selection ever looks at
 # it). Per group and mode: median and min–max over seeds, the difference of the medians, in how
 # many seeds (paired by seed) Progtuning scored at least the baseline, updated parameters (in
-# parameter-epochs, see progtuning.counting), the reduction, the ratio of median training times
+# parameter-epochs, see progtuning.core.counting), the reduction, the ratio of median training times
 # and the median peak memory. Nothing is trained or re-evaluated here.
 
 PROBE_FILE = "probe.json"
@@ -313,7 +313,7 @@ def build_report(
             images["bars"] = plot_bars(rows, out_dir / "bars.png")
             images["timelines"] = plot_timelines(runs, out_dir / "timelines")
     if probes and plots:
-        from .probe import plot_probe
+        from progtuning.runs.probe import plot_probe
 
         images["probes"] = [
             plot_probe(p, out_dir / f"probe-{p['task']}-{p['model']}-{p['method']}.png") for p in probes

@@ -23,14 +23,14 @@ Each combination becomes ``OUTPUT_DIR/[<model>/]<task>/<method>/<base|prog>[-<va
 with the settings ``base`` < ``models[model]`` < ``tasks[task]`` < ``methods[method]`` < the grid
 values < the variant. Variants apply to the Progtuning runs only (a baseline has no schedule), so
 they may set schedule keys only (:data:`VARIANT_KEYS`); every variant is compared with the same
-baseline. Every combination is checked with :func:`progtuning.config.load_config` before anything
+baseline. Every combination is checked with :func:`progtuning.runs.config.load_config` before anything
 runs, so a typo fails the sweep at once, not after an hour.
 
 Runs go in order seed → model → task → method → base, prog, variants: a sweep stopped early
 has whole seeds, and with ``parallel: 2`` a run's baseline and Progtuning twin train side by side,
 under the same load, which keeps their wall-time ratio fair.
 
-Each run is ``python -m progtuning.cli train CONFIG`` in a fresh process (a crash or a leak ends
+Each run is ``python -m progtuning train CONFIG`` in a fresh process (a crash or a leak ends
 with it); its resolved config and its log are kept in the run folder (``config.yaml``,
 ``train.log``) once it ends. A run folder holding ``results.json`` is finished and skipped, so a
 killed sweep continues where it stopped; a run that failed is logged, the sweep goes on, and the
@@ -59,8 +59,8 @@ from typing import Any
 
 import yaml
 
-from .config import FIELDS, load_config, read_yaml
-from .errors import ProgtuningError
+from progtuning.runs.config import FIELDS, load_config, read_yaml
+from progtuning.errors import ProgtuningError
 
 RESULTS_FILE = "results.json"
 SWEEP_DIR = "_sweep"
@@ -220,7 +220,7 @@ Runner = Callable[[RunSpec, Path], dict]
 
 
 def subprocess_runner(spec: RunSpec, log_path: Path) -> dict:
-    """Run one spec as ``python -m progtuning.cli train CONFIG`` and return its results.json."""
+    """Run one spec as ``python -m progtuning train CONFIG`` and return its results.json."""
     config_path = log_path.with_suffix(".yaml")
     if not config_path.is_file():
         write_run_config(spec, config_path)
@@ -235,7 +235,7 @@ def subprocess_runner(spec: RunSpec, log_path: Path) -> dict:
     threads = spec.config.get("threads")
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    command = [sys.executable, "-m", "progtuning.cli", "train", str(config_path)]
+    command = [sys.executable, "-m", "progtuning", "train", str(config_path)]
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()

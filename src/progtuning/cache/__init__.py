@@ -1,0 +1,1 @@
+"""The frozen-prefix cache: hidden states of the frozen lower blocks, computed once and reused."""

@@ -1,0 +1,1 @@
+"""What can train: full fine-tuning, LoRA, bottleneck adapters, BitFit, any peft config."""
