@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from progtuning.core.callback import ProgtuningCallback
 from progtuning.cache.prefix_cache import (
@@ -325,6 +326,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         ddp_find_unused_parameters=True,
     )
     stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
+    curve = ValidationCurve(prepared.task.main_metric if not prepared.is_qa else None)
     trainer = ProgtuningTrainer(
         model=model,
         args=args,
@@ -333,7 +335,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[callback, cache_callback, stop, nan_guard],
+        callbacks=[callback, cache_callback, stop, nan_guard, curve],
     )
     train_started = time.perf_counter()
     resume = None
@@ -352,16 +354,18 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
                               last_checkpoint(output_dir / CHECKPOINTS))
 
+    outputs: dict = {}
     if prepared.is_qa:
         metrics = {
             split: evaluate_qa(trainer, prepared.data[split], eval_sets[split], eval_features[split], prepared.task)
             for split in eval_sets
         }
     else:
-        metrics = {
-            split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split)
-            for split, dataset in eval_sets.items()
-        }
+        metrics, outputs = {}, {}
+        for split, dataset in eval_sets.items():
+            prediction = trainer.predict(dataset, metric_key_prefix=split)
+            metrics[split] = _strip_prefix(prediction.metrics, split)
+            outputs[split] = per_example_outputs(prediction)
     if config.save_model and trainer.is_world_process_zero():
         _save(trainer, model, tokenizer, config, output_dir)
 
@@ -406,6 +410,10 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
             "misses": cache.misses if cache else 0,
         },
         "train_time_s": round(train_time, 2),
+        # What paired statistics need: each example's output (bootstrap over examples), and the
+        # validation score after each epoch against training time so far (time to reach a score).
+        "per_example": outputs if not prepared.is_qa else {},
+        "validation_curve": curve.points,
         "log_history": trainer.state.log_history,
     }
 
@@ -501,6 +509,38 @@ def _fingerprint(dataset, tokenizer, max_length: int, *extra) -> str:
 
     key = repr((dataset._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length, *extra))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def per_example_outputs(prediction) -> dict:
+    """Labels and model outputs of one evaluated split, rounded for a compact results.json."""
+    outputs = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim == 2 and outputs.shape[1] == 1:
+        outputs = outputs[:, 0]
+    return {"labels": np.asarray(prediction.label_ids).tolist(), "outputs": np.round(outputs, 5).tolist()}
+
+
+class ValidationCurve(TrainerCallback):
+    """Validation score after each evaluation, against the training time spent so far (evaluation excluded)."""
+
+    def __init__(self, metric: str | None):
+        self.metric, self.points = metric, []
+        self._started = self._eval_time = self._eval_started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started, self._eval_time = time.perf_counter(), 0.0
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._eval_started = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.metric is None or not metrics or f"eval_{self.metric}" not in metrics:
+            return
+        now = time.perf_counter()
+        train_time = (self._eval_started or now) - self._started - self._eval_time
+        self._eval_time += now - (self._eval_started or now)
+        self.points.append({"epoch": state.epoch, "step": state.global_step,
+                            "train_time_s": round(train_time, 3), "score": metrics[f"eval_{self.metric}"]})
 
 
 def _metric_adapter(task):
