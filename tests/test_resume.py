@@ -170,7 +170,7 @@ def test_a_checkpoint_appears_only_complete_and_old_ones_rotate_out(tmp_path, mo
     complete = set(os.listdir(tmp_path / "checkpoint-4"))
     assert complete == {"model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json",
                         "scheduler.safetensors", "scheduler.json", "rng_state.safetensors", "rng_state.json",
-                        "trainer_state.json", "training_args.json"}  # no pickle at all
+                        "trainer_state.json", "training_args.json", "SHA256SUMS"}  # no pickle at all
     assert clean_partial_checkpoints(tmp_path) == [str(tmp_path / ".partial-checkpoint-6")]
 
     monkeypatch.setattr(ProgtuningTrainer, "_save_rng_state", original)
@@ -191,9 +191,14 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
 
 
 # -- corrupt and mismatched checkpoints: one line, exit code 2 -------------------------------------------------
+# These check what check_checkpoint finds in the files themselves, as in a checkpoint of the plain Trainer:
+# without SHA256SUMS and progtuning_config.json (test_integrity.py and test_cli_errors.py check those).
 def _copy(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
     out = tmp_path / "run"
     shutil.copytree(reference, out)
+    for checkpoint in (out / "checkpoints").iterdir():
+        for name in ("SHA256SUMS", "progtuning_config.json"):
+            (checkpoint / name).unlink()
     return out, out / "checkpoints" / "checkpoint-24"
 
 
