@@ -93,12 +93,14 @@ def test_sigkill_mid_stage_during_a_checkpoint_write_and_at_a_boundary_then_resu
     assert _checkpoints(out) == ["checkpoint-16", "checkpoint-24"]
     assert _bit_identical(final_weights(out), final_weights(reference))
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 24
-    assert [(s["stage"], s["start_step"], s["end_step"]) for s in results["stages"]] == [(2, 16, 24)]
-    # The accounting covers the whole run, not only the part after the last resume.
+    assert results["steps"] == 24 and results["resumed_from_step"] == 16
+    # The stage table, the accounting and the loss cover the whole run, not only the part after the last resume.
+    assert [(s["stage"], s["start_step"], s["end_step"]) for s in results["stages"]] == [(0, 0, 8), (1, 8, 16), (2, 16, 24)]
     expected = json.loads((reference / "results.json").read_text())
     for key in ("updated_params", "baseline_updated_params", "reduction"):
         assert results[key] == expected[key], key
+    # The same per-step losses summed in another order (per log window, then per session): float64 rounding.
+    assert results["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-9)
 
 
 # -- SIGTERM: a clean stop ------------------------------------------------------------------------------

@@ -122,9 +122,23 @@ def run(config: TrainConfig, checked: Checked | None = None) -> dict:
         if claimed is not None:
             release_if_unused(claimed)  # failed before its first checkpoint: no folder left behind
         if is_io_fault(error):
-            raise io_error(error, f"cannot write the run's files in {config.output_dir}") from None
+            raise io_error(error, f"cannot write the run's files in {config.output_dir}", _io_hint(error, output_dir)) \
+                from None
         raise
     return results
+
+
+def _io_hint(error: OSError, output_dir: Path) -> str | None:
+    """How to go on after an I/O fault: resume from the last checkpoint if there is one."""
+    import errno
+
+    from progtuning.runs.checkpoints import last_checkpoint
+
+    last = last_checkpoint(output_dir / CHECKPOINTS)
+    if last is None:
+        return None
+    fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
+    return f"{fix}, then resume with --resume (the last good checkpoint is {last})"
 
 
 def prepare(config: TrainConfig) -> Prepared:
