@@ -56,6 +56,29 @@ def write(path: Path, text: str) -> Path:
 ROWS = "".join(f"word{i} good film,{i % 2}\n" for i in range(12))
 
 
+# -- config values: refused before anything loads -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--epochs", "nan", "epochs must be a finite number >= 0, got nan"),
+        ("--epochs", "inf", "epochs must be a finite number >= 0, got inf"),
+        ("--epochs", "0", "epochs is 0 and max_steps is -1, so nothing would train"),
+        ("--learning-rate", "nan", "learning_rate must be a finite number > 0, got nan"),
+        ("--seed", "-1", "seed must lie in 0..4294967295, got -1"),
+        ("--logging-steps", "0", "logging_steps must be at least 1, got 0"),
+        ("--threads", "-1", "threads must be at least 1, got -1"),
+        ("--warmup-ratio", "5", "warmup_ratio must lie in [0, 1)"),
+        ("--weight-decay", "-1", "weight_decay must be a finite number >= 0, got -1.0"),
+        ("--max-length", "1024", "max_length 1024 is longer than model 'minilm-l6' can embed (512 positions)"),
+    ],
+)
+def test_bad_values_are_one_line_and_write_nothing(tmp_path, capsys, option, value, expected):
+    out = tmp_path / "out"
+    config = Path(__file__).parent.parent / "configs" / "rotten-tomatoes" / "minilm-l6.yaml"
+    message = fails(capsys, ["train", str(config), option, value, "--output-dir", str(out)], out)
+    assert message.startswith(f"error: {expected}"), message
+
+
 # -- data ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, text, expected",
@@ -74,6 +97,8 @@ ROWS = "".join(f"word{i} good film,{i % 2}\n" for i in range(12))
         ("blank-label.csv", "text,label\n" + ROWS + "a film, \n",
          "row 13 has an empty 'label' (1 such rows)"),
     ],
+    ids=["single-class", "float-labels-csv", "float-labels-tsv", "float-labels-jsonl", "mixed-labels", "empty-text",
+         "blank-label"],
 )
 def test_data_that_must_be_refused(setup, tmp_path, capsys, name, text, expected):
     model_dir, _ = setup
