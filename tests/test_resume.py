@@ -93,12 +93,14 @@ def test_sigkill_mid_stage_during_a_checkpoint_write_and_at_a_boundary_then_resu
     assert _checkpoints(out) == ["checkpoint-16", "checkpoint-24"]
     assert _bit_identical(final_weights(out), final_weights(reference))
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 24
-    assert [(s["stage"], s["start_step"], s["end_step"]) for s in results["stages"]] == [(2, 16, 24)]
-    # The accounting covers the whole run, not only the part after the last resume.
+    assert results["steps"] == 24 and results["resumed_from_step"] == 16
+    # The stage table, the accounting and the loss cover the whole run, not only the part after the last resume.
+    assert [(s["stage"], s["start_step"], s["end_step"]) for s in results["stages"]] == [(0, 0, 8), (1, 8, 16), (2, 16, 24)]
     expected = json.loads((reference / "results.json").read_text())
     for key in ("updated_params", "baseline_updated_params", "reduction"):
         assert results[key] == expected[key], key
+    # The same per-step losses summed in another order (per log window, then per session): float64 rounding.
+    assert results["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-9)
 
 
 # -- SIGTERM: a clean stop ------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def test_a_checkpoint_appears_only_complete_and_old_ones_rotate_out(tmp_path, mo
     complete = set(os.listdir(tmp_path / "checkpoint-4"))
     assert complete == {"model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json",
                         "scheduler.safetensors", "scheduler.json", "rng_state.safetensors", "rng_state.json",
-                        "trainer_state.json", "training_args.json"}  # no pickle at all
+                        "trainer_state.json", "training_args.json", "SHA256SUMS"}  # no pickle at all
     assert clean_partial_checkpoints(tmp_path) == [str(tmp_path / ".partial-checkpoint-6")]
 
     monkeypatch.setattr(ProgtuningTrainer, "_save_rng_state", original)
@@ -191,9 +193,14 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
 
 
 # -- corrupt and mismatched checkpoints: one line, exit code 2 -------------------------------------------------
+# These check what check_checkpoint finds in the files themselves, as in a checkpoint of the plain Trainer:
+# without SHA256SUMS and progtuning_config.json (test_integrity.py and test_cli_errors.py check those).
 def _copy(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
     out = tmp_path / "run"
     shutil.copytree(reference, out)
+    for checkpoint in (out / "checkpoints").iterdir():
+        for name in ("SHA256SUMS", "progtuning_config.json"):
+            (checkpoint / name).unlink()
     return out, out / "checkpoints" / "checkpoint-24"
 
 

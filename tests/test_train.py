@@ -126,7 +126,7 @@ def test_unknown_model(capsys, tmp_path):
 
 
 def test_unknown_config_key(capsys, tmp_path):
-    assert "unknown config key(s) learning_rat" in _fails(capsys, tmp_path, "--learning-rat", "1")
+    assert "unknown key --learning-rat (did you mean --learning-rate?)" in _fails(capsys, tmp_path, "--learning-rat", "1")
 
 
 def test_bad_value(capsys, tmp_path):

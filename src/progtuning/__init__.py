@@ -10,15 +10,49 @@ freeze one by one and the higher blocks train longest::
 or, in a plain PyTorch loop, :class:`ProgressiveFreezer` with a :func:`progressive` schedule.
 """
 
-from progtuning.core.blocks import BlockLayout, find_blocks
-from progtuning.core.callback import ProgtuningCallback
-from progtuning.runs.checkpoints import ProgtuningTrainer
-from progtuning.core.counting import Accounting, count_updates, plan_updates
-from progtuning.core.distributed import DistributedFreezer
-from progtuning.errors import ProgtuningError
-from progtuning.core.freezing import ProgressiveFreezer, release_optimizer_state
-from progtuning.methods.api import MethodConfig, apply_method, load_method, save_method
-from progtuning.core.schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public names and the modules that define them. Imported on first use, so that `import progtuning`
+# (and the CLI's argument checks) stay free of torch and transformers.
+_EXPORTS = {
+    "BlockLayout": "progtuning.core.blocks",
+    "find_blocks": "progtuning.core.blocks",
+    "ProgtuningCallback": "progtuning.core.callback",
+    "ProgtuningTrainer": "progtuning.runs.checkpoints",
+    "Accounting": "progtuning.core.counting",
+    "count_updates": "progtuning.core.counting",
+    "plan_updates": "progtuning.core.counting",
+    "DistributedFreezer": "progtuning.core.distributed",
+    "ProgtuningError": "progtuning.errors",
+    "ProgressiveFreezer": "progtuning.core.freezing",
+    "release_optimizer_state": "progtuning.core.freezing",
+    "MethodConfig": "progtuning.methods.api",
+    "apply_method": "progtuning.methods.api",
+    "load_method": "progtuning.methods.api",
+    "save_method": "progtuning.methods.api",
+    "Schedule": "progtuning.core.schedule",
+    "Stage": "progtuning.core.schedule",
+    "explicit": "progtuning.core.schedule",
+    "no_progtuning": "progtuning.core.schedule",
+    "progressive": "progtuning.core.schedule",
+    "split_into_parts": "progtuning.core.schedule",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'progtuning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Accounting",

@@ -5,9 +5,12 @@
   ``checkpoint-N`` only once every file (all ranks' files) is on disk, so a kill at any moment
   leaves the last complete checkpoint as the newest ``checkpoint-N``; old checkpoints are rotated
   out only after that rename. It also refuses to commit a checkpoint whose weights are not
-  finite. Nothing in its checkpoints is a pickle: the optimizer, scheduler and RNG states are
-  written as ``NAME.safetensors`` (every tensor) + ``NAME.json`` (the structure around them, see
-  :func:`save_state`), and ``training_args.json`` replaces the Trainer's ``training_args.bin``.
+  finite, seals each one with a sha256 per file (``SHA256SUMS``, :mod:`progtuning.runs.integrity`)
+  before the rename, and turns a full disk (or another I/O fault) while saving into one line that
+  names the last good checkpoint, with no half-written folder left. Nothing in its checkpoints
+  is a pickle: the optimizer, scheduler and RNG states are written as ``NAME.safetensors``
+  (every tensor) + ``NAME.json`` (the structure around them, see :func:`save_state`), and
+  ``training_args.json`` replaces the Trainer's ``training_args.bin``.
   The heads progtuning trains (classification, regression, QA) average their loss over the
   batch; transformers 5 treats a model whose ``forward`` takes ``**kwargs`` as one that sums
   it, which skips the division by the gradient-accumulation steps and multiplies the loss by
@@ -26,6 +29,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +40,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from progtuning.errors import ProgtuningError
+from progtuning.runs.integrity import write_checksums
+from progtuning.runs.output_dir import io_error, is_io_fault
 
 logger = logging.getLogger("progtuning")
 
@@ -82,8 +89,12 @@ class NonFiniteLoss(ProgtuningError):
 class ProgtuningTrainer(Trainer):
     """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring)."""
 
-    def __init__(self, *args: Any, batch_mean_loss: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch_mean_loss: bool = True, seal: Callable[[str], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Called with each finished checkpoint folder before it is renamed into place; the last thing written
+        # into it. Default: a sha256 per file (progtuning.runs.integrity), verified on resume.
+        self._seal = seal or write_checksums
         if batch_mean_loss:
             # The model's loss is a mean over its batch: divide by the accumulation steps, and let DDP
             # average over the ranks, exactly as for a model without **kwargs in its forward.
@@ -181,15 +192,27 @@ class ProgtuningTrainer(Trainer):
         self._staging_root = staging
         try:
             super()._save_checkpoint(model, trial)
+            _barrier()  # every rank's files are written
+            if writer:
+                written = os.path.join(staging, name)
+                if self.state.best_model_checkpoint == written:
+                    self.state.best_model_checkpoint = final
+                    self.state.save_to_json(os.path.join(written, TRAINER_STATE))
+                self._seal(written)
+                _fsync_tree(written)
+        except OSError as error:
+            if not is_io_fault(error):
+                raise
+            if writer:
+                shutil.rmtree(staging, ignore_errors=True)  # never a half-written checkpoint
+            last = last_checkpoint(run_dir)
+            keep = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint was written yet"
+            fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
+            raise io_error(error, f"cannot write {name} (training stopped at step {self.state.global_step})",
+                           f"{keep}; {fix}, then resume with --resume") from None
         finally:
             self._staging_root = None
-        _barrier()  # every rank's files are written
         if writer:
-            written = os.path.join(staging, name)
-            if self.state.best_model_checkpoint == written:
-                self.state.best_model_checkpoint = final
-                self.state.save_to_json(os.path.join(written, TRAINER_STATE))
-            _fsync_tree(written)
             _commit(written, final)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)

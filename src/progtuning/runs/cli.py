@@ -8,13 +8,17 @@
     progtuning report DIR... [--out DIR]              Markdown/CSV tables and PNG plots from results.json files
     progtuning probe CONFIG.yaml [--key value ...]    train embeddings + one block, for each block (Figure 1)
 
-A user's mistake is printed as one line, ``error: ...``, with exit code 2.
+A user's mistake is printed as one line, ``error: ...``, with exit code 2: a bad value or an unknown
+option (with the closest known one), a missing file, an output folder that cannot be used, a
+full disk. ``train`` checks its whole config before it imports torch, so such a line comes within
+about a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 
@@ -23,20 +27,31 @@ from progtuning.errors import ProgtuningError
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = _parser(argv[:1])
     rest: list[str] = []
-    if argv[:1] in (["train"], ["probe"]) and not {"-h", "--help"} & set(argv):
-        # `train|probe [CONFIG] [own options] --any-config-key value ...`: the keys come from
-        # TrainConfig, not argparse, which would take an override's value for the positional CONFIG.
-        own, rest = _split_own_options(argv[1:], _PROBE_OPTIONS if argv[0] == "probe" else {})
-        args = parser.parse_args([argv[0], *own])
-    else:
-        args = parser.parse_args(argv)
+    try:
+        if argv[:1] in (["train"], ["probe"]) and not {"-h", "--help"} & set(argv):
+            # `train|probe [CONFIG] [own options] --any-config-key value ...`: the keys come from
+            # TrainConfig, not argparse, which would take an override's value for the positional CONFIG.
+            own, rest = _split_own_options(argv[1:], _PROBE_OPTIONS if argv[0] == "probe" else {})
+            args = parser.parse_args([argv[0], *own])
+        else:
+            args = parser.parse_args(argv)
+    except _UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
     try:
         return args.handler(args, rest) or 0
+    except OSError as error:
+        from progtuning.runs.output_dir import io_error, is_io_fault
+
+        if not is_io_fault(error):
+            raise
+        print(f"error: {io_error(error, 'cannot read or write a file')}", file=sys.stderr)
+        return 2
     except ProgtuningError as error:
         exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (checkpoints.TrainingStopped)
         if exit_code is not None:
@@ -60,11 +75,43 @@ def _resume_command(argv: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in ["progtuning", *words])
 
 
-def _parser() -> argparse.ArgumentParser:
+class _UsageError(Exception):
+    """A command line argparse cannot parse; :func:`main` prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that name the closest known option or command (no usage block)."""
+
+    def error(self, message: str):
+        from progtuning.runs.validation import did_you_mean
+
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        choice = re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if unknown:
+            flag = unknown.group(1).split("=", 1)[0]
+            options = [o for a in self._command_actions() for o in a.option_strings if o.startswith("--")]
+            message = f"unknown key {flag}{did_you_mean(flag, options)}"
+        elif choice:
+            names = [c.strip(" '") for c in choice.group(2).split(",")]
+            message = f"unknown choice {choice.group(1)!r}{did_you_mean(choice.group(1), names)}: use one of " \
+                      f"{', '.join(names)}"
+        raise _UsageError(f"{message}: see `{self._help_command()} --help`")
+
+    def _command_actions(self) -> list[argparse.Action]:
+        chosen = getattr(self, "chosen", None)
+        return list(chosen._actions) if chosen is not None else list(self._actions)
+
+    def _help_command(self) -> str:
+        chosen = getattr(self, "chosen", None)
+        return chosen.prog if chosen is not None else self.prog
+
+
+def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``command`` (``argv[:1]``) says which subcommand's options must be complete."""
     from progtuning.runs.config import config_help
 
-    parser = argparse.ArgumentParser(prog="progtuning", description="Progressive fine-tuning for Transformers.")
-    commands = parser.add_subparsers(dest="command")
+    parser = _Parser(prog="progtuning", description="Progressive fine-tuning for Transformers.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     train = commands.add_parser(
         "train",
@@ -92,10 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     models.set_defaults(handler=_models)
 
-    from progtuning.runs.bench import add_arguments as add_bench_arguments
-
     bench = commands.add_parser("bench", help="step time and peak memory: full fine-tuning vs each Progtuning stage")
-    add_bench_arguments(bench)
+    if command == ["bench"]:  # bench's options live beside its torch code: imported only when asked for
+        from progtuning.runs.bench import add_arguments as add_bench_arguments
+
+        add_bench_arguments(bench)
     bench.set_defaults(handler=_bench)
 
     sweep = commands.add_parser("sweep", help="run a grid of experiments (resumable; see configs/sweep/)")
@@ -127,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             probe.add_argument(option, action="store_true", help=text)
     probe.set_defaults(handler=_probe)
+    parser.chosen = commands.choices.get(command[0]) if command else None  # whose options an error lists
     return parser
 
 
@@ -155,13 +204,16 @@ def _split_own_options(tokens: list[str], options: dict) -> tuple[list[str], lis
 
 def _train(args, rest: list[str]) -> int:
     from progtuning.runs.config import load_config, parse_overrides
-    from progtuning.runs.train import run
-    from progtuning.runs.report import print_run_summary
-
-    from progtuning.core.distributed import launcher_rank
+    from progtuning.runs.validation import preflight
 
     config = load_config(args.config, parse_overrides(rest))
-    results = run(config)
+    checked = preflight(config)  # files, output folder, model, resume: still without torch
+    from progtuning.runs.train import run
+
+    results = run(config, checked)
+    from progtuning.core.distributed import launcher_rank
+    from progtuning.runs.report import print_run_summary
+
     if launcher_rank() == 0:  # several processes (torchrun): one summary
         print_run_summary(results)
     return 0

@@ -23,7 +23,6 @@ from typing import Any, Optional
 import yaml
 
 from progtuning.errors import ProgtuningError
-from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
 
 METHODS = ("full", "lora", "adapter", "bitfit", "peft")  # peft: any peft method from --peft-config
 
@@ -50,6 +49,8 @@ class TrainConfig:
     task_type: str = _help("task 'files': classification or regression", "classification")
     num_labels: Optional[int] = _help("task 'files': number of classes, when labels are ids 0..K-1 (checks the range)")
     label_names: Optional[list] = _help("task 'files': class names in id order")
+    skip_bad_rows: bool = _help("task 'files': skip rows with an empty text or label (counted in results.json) "
+                                "instead of refusing the file", False)
     max_train_examples: Optional[int] = _help("subsample the training set (seeded) to this many examples")
     max_eval_examples: Optional[int] = _help("subsample validation and test to this many examples")
     max_length: int = _help("maximum tokens per example (SQuAD: window length)", 128)
@@ -96,23 +97,9 @@ class TrainConfig:
     trust_remote_code: bool = _help("allow model code from the hub (off: only transformers' own code runs)", False)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ProgtuningError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.embeddings not in EMBEDDING_POLICIES:
-            raise ProgtuningError(f"unknown embeddings policy {self.embeddings!r}: use one of {', '.join(EMBEDDING_POLICIES)}")
-        if self.stage_unit not in UNITS:
-            raise ProgtuningError(f"unknown stage_unit {self.stage_unit!r}: use one of {', '.join(UNITS)}")
-        if self.task_type not in ("classification", "regression"):
-            raise ProgtuningError(f"unknown task_type {self.task_type!r}: use classification or regression")
-        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
-            if getattr(self, name) < 1:
-                raise ProgtuningError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise ProgtuningError("set epochs > 0 or max_steps > 0")
-        if self.learning_rate <= 0:
-            raise ProgtuningError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.stages is not None and self.stages < 1:
-            raise ProgtuningError(f"stages must be at least 1, got {self.stages}")
+        from progtuning.runs.validation import validate_values
+
+        validate_values(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,14 +115,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         values.update(read_yaml(path))
     values.update(overrides or {})
-    unknown = sorted(set(values) - set(FIELDS))
+    unknown = sorted(set(values) - set(FIELDS), key=str)
     if unknown:
-        raise ProgtuningError(
-            f"unknown config key(s) {', '.join(unknown)}: see `progtuning train --help` for the valid keys"
-        )
+        raise ProgtuningError(unknown_keys_message([str(k) for k in unknown], path))
     config = TrainConfig(**{key: coerce(key, value) for key, value in values.items()})
     config.validate()
     return config
+
+
+def unknown_keys_message(keys: list[str], path: str | Path | None = None) -> str:
+    """One line naming unknown keys and, for the first, the closest known one."""
+    from progtuning.runs.validation import did_you_mean
+
+    where = f" in {path}" if path is not None else ""
+    hint = (f" (did you mean {_NAMES_ELSEWHERE[keys[0]]}?)" if keys[0] in _NAMES_ELSEWHERE
+            else did_you_mean(keys[0], FIELDS))
+    return f"unknown config key(s) {', '.join(keys)}{where}{hint}: see `progtuning train --help` for the valid keys"
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -159,7 +154,7 @@ def read_yaml(path: str | Path) -> dict:
 def coerce(key: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or explain what was expected."""
     if key not in FIELDS:
-        raise ProgtuningError(f"unknown config key {key!r}: see `progtuning train --help` for the valid keys")
+        raise ProgtuningError(unknown_keys_message([key]))
     hint = _TYPES[key]
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
@@ -176,9 +171,17 @@ def coerce(key: str, value: Any) -> Any:
                     return False
                 raise ValueError
             return bool(value)
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError  # YAML `epochs: yes` is a mistake, not 1
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if isinstance(value, str):
+                value = value.strip()
+                number = float(value)  # "1e3" and "4.0" are integers too; "nan" is not
+                if not number.is_integer():
+                    raise ValueError
+                return int(value) if value.lstrip("+-").isdigit() else int(number)
             return int(value)
         if base is float:
             return float(value)
@@ -196,33 +199,78 @@ def coerce(key: str, value: Any) -> Any:
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """``['--epochs', '4', '--no-progtuning', '--overwrite']`` → ``{'epochs': '4', 'progtuning': False, ...}``."""
+    """``['--epochs', '4', '--no-progtuning', '--overwrite']`` → ``{'epochs': '4', 'progtuning': False, ...}``.
+
+    A key that is not a config key is refused at once, naming the closest known key: guessing
+    whether it takes a value would misread the rest of the line (``--fp16 --epochs 1``).
+    """
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        if not token.startswith("--"):
-            raise ProgtuningError(f"unexpected argument {token!r}: overrides look like --key value")
+        if not token.startswith("--") or token == "--":
+            raise ProgtuningError(f"unexpected argument {token!r}: overrides look like --key value "
+                                  "(the config file, if any, comes first)")
         key, has_value, value = token[2:].partition("=")
         key = key.replace("-", "_")
+        negated = key.startswith("no_") and key[3:] in FIELDS and _is_bool(key[3:])
+        if key not in FIELDS and not negated:
+            raise ProgtuningError(unknown_flag_message(key))
         if has_value:
+            if negated:
+                raise ProgtuningError(f"--{key.replace('_', '-')} takes no value: drop '={value}'")
             overrides[key] = value
             i += 1
-            continue
-        is_bool = key in FIELDS and _TYPES[key] in (bool, Optional[bool])
-        negated = key.startswith("no_") and key[3:] in FIELDS and _TYPES[key[3:]] in (bool, Optional[bool])
-        if negated:
+        elif negated:
             overrides[key[3:]] = False
             i += 1
-        elif is_bool and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
+        elif _is_bool(key) and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
             overrides[key] = True
             i += 1
         else:
-            if i + 1 == len(tokens):
+            if i + 1 == len(tokens) or (tokens[i + 1].startswith("--") and not _is_number(tokens[i + 1])):
                 raise ProgtuningError(f"--{key.replace('_', '-')} needs a value")
             overrides[key] = tokens[i + 1]
             i += 2
     return overrides
+
+
+# Names other tools use (the HF Trainer's arguments, run_glue's) for what progtuning calls otherwise.
+_NAMES_ELSEWHERE = {
+    "lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "model_name_or_path": "model", "max_seq_length": "max_length", "overwrite_output_dir": "overwrite",
+    "resume_from_checkpoint": "resume", "task_name": "task", "warmup_steps": "warmup_ratio",
+}
+_NOT_OFFERED = {"fp16": "mixed precision", "bf16": "mixed precision", "deepspeed": "DeepSpeed", "fsdp": "FSDP"}
+
+
+def unknown_flag_message(key: str) -> str:
+    """``unknown key --fp16 (...): ...`` with the closest known key, or what progtuning offers instead."""
+    from progtuning.runs.validation import did_you_mean
+
+    flag = "--" + key.replace("_", "-")
+    if key in _NAMES_ELSEWHERE:
+        hint = f" (did you mean --{_NAMES_ELSEWHERE[key].replace('_', '-')}?)"
+    elif key in _NOT_OFFERED:
+        hint = f" (progtuning train has no {_NOT_OFFERED[key]} option)"
+    else:
+        flags = [f"--{name.replace('_', '-')}" for name in FIELDS]
+        flags += [f"--no-{name.replace('_', '-')}" for name in FIELDS if _is_bool(name)]
+        hint = did_you_mean(flag, flags)
+    return f"unknown key {flag}{hint}: see `progtuning train --help` for the valid keys"
+
+
+def _is_bool(key: str) -> bool:
+    return _TYPES[key] in (bool, Optional[bool])
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def config_help() -> str:

@@ -280,11 +280,129 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 def describe_missing_model(name: str) -> str:
     """One line saying that ``name`` is not a usable model and what to use instead."""
-    where = " (offline, and not in the Hugging Face cache)" if _offline() else ""
+    from progtuning.runs.validation import did_you_mean
+
+    where = ", and offline (HF_HUB_OFFLINE) it is not in the Hugging Face cache" if _offline() else ""
     return (
-        f"unknown model '{name}'{where}: use one of {', '.join(MODEL_ALIASES)}, "
-        "or a local model folder, or a Hugging Face hub id"
+        f"unknown model '{name}'{did_you_mean(name, MODEL_ALIASES)}: it is not an alias or a local folder{where}; "
+        f"use one of {', '.join(MODEL_ALIASES)}, a local model folder, or a Hugging Face hub id"
     )
+
+
+def _looks_like_path(name: str) -> bool:
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` (a proxy is trusted to know better)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, in one line and without touching the network for long, a model that cannot load.
+
+    Aliases and local folders are checked first; a name that is neither is a hub id, refused at
+    once when offline (``HF_HUB_OFFLINE``) and not cached, or when the hub cannot be reached —
+    instead of the hub client's minute of retries. Mistyped aliases get the closest alias.
+    """
+    from progtuning.runs.validation import did_you_mean
+
+    if name in MODEL_ALIASES:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ProgtuningError(
+                f"model folder '{name}' has no config.json: give the folder that holds config.json and the weights"
+            )
+        return
+    if path.exists():
+        raise ProgtuningError(f"model '{name}' is a file, not a model folder: give the folder that holds config.json")
+    if _looks_like_path(name):
+        raise ProgtuningError(
+            f"model folder '{name}' does not exist: check the path, or use one of {', '.join(MODEL_ALIASES)}"
+        )
+    if _offline():
+        if not _in_hub_cache(name):
+            raise ProgtuningError(describe_missing_model(name))
+        return
+    if not _hub_reachable():
+        raise ProgtuningError(
+            f"unknown model '{name}'{did_you_mean(name, MODEL_ALIASES)}: it is not an alias or a local folder, and "
+            f"the Hugging Face hub cannot be reached to look it up; use one of {', '.join(MODEL_ALIASES)}, a local "
+            "folder, or set HF_HUB_OFFLINE=1 to use the hub cache"
+        )
+
+
+def local_model_config(name: str) -> dict | None:
+    """The model's config.json as a dict when it can be read without loading anything, else None."""
+    from progtuning.runs.validation import read_json_file
+
+    if name == "minilm-l6":
+        spec = importlib.util.find_spec(_MINILM_L6[0])
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    elif name in MODEL_ALIASES:
+        folder = model_cache_dir(name)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    else:
+        if not _offline():
+            return None  # the hub decides; the loaded config is checked before training
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except (ImportError, ValueError):
+            return None
+        return read_json_file(Path(cached)) if isinstance(cached, str) else None
+    return read_json_file(folder / "config.json")
+
+
+def remote_code_note(name: str, model_config: dict | None, trust_remote_code: bool) -> str | None:
+    """The warning for a model that ships its own code which is not run (``auto_map`` without trust).
+
+    Transformers then builds its own class for the config's ``model_type`` from the same weights;
+    the run goes on (refusing would leave a choice between running untrusted code and editing the
+    model's files), but the user is told which code trains.
+    """
+    auto_map = (model_config or {}).get("auto_map")
+    if trust_remote_code or not auto_map:
+        return None
+    kind = model_config.get("model_type", "?")
+    shipped = ", ".join(f"{k} -> {v if isinstance(v, str) else v[0]}" for k, v in list(auto_map.items())[:2])
+    return (f"model '{name}' ships its own code ({shipped}), which was ignored without --trust-remote-code: "
+            f"transformers' built-in '{kind}' classes train instead; pass --trust-remote-code only if you trust it")
+
+
+def describe_load_error(name: str, error: BaseException) -> str | None:
+    """One line for a model whose weights refuse to load safely, or None for other errors.
+
+    A pickle-based ``pytorch_model.bin`` holding more than tensors is refused by
+    ``torch.load(weights_only=True)``; its own message recommends ``weights_only=False``, which
+    would run the code inside — never repeat that advice.
+    """
+    import pickle
+    import re
+
+    text = str(error)
+    if not isinstance(error, pickle.UnpicklingError) and "weights_only" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f"it would call {found.group(1)}" if found else "it holds more than tensors and numbers"
+    return (f"refused the weights of model '{name}': a pickle ({what}) that could run code when loaded; use a model "
+            "saved as safetensors (model.safetensors), or re-save it from a source you trust")
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -302,7 +420,7 @@ def resolve_model(name_or_path: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
-    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+    if _looks_like_path(name):
         raise ProgtuningError(
             f"model folder '{name}' does not exist: check the path, or use one of {', '.join(MODEL_ALIASES)}"
         )

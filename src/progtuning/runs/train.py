@@ -2,8 +2,11 @@
 
 This is the only module that knows the datasets and the Trainer together. ``run(config)``:
 
-1. checks everything the user gave (task, columns, labels, model, output folder) before writing
-   anything, so a mistake leaves nothing half-written;
+1. checks everything the user gave (every config value, files, output folder, model name, a
+   resume's checkpoint and config: :mod:`progtuning.runs.validation`; then task, columns, labels,
+   model) before writing anything, so a mistake leaves nothing half-written; the output folder is
+   claimed with a manifest of what progtuning writes there (:mod:`progtuning.runs.output_dir`), and
+   a run that fails before its first checkpoint takes it back;
 2. tokenizes the splits, applies the fine-tuning method, and trains with
    :class:`~progtuning.core.callback.ProgtuningCallback` (the baseline uses the same callback with a
    single all-trainable stage, so both runs are logged and measured the same way);
@@ -25,7 +28,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,8 @@ from progtuning.cache.prefix_cache import (
 from progtuning.runs.config import TrainConfig
 from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
-from progtuning.errors import ProgtuningError
+from progtuning.errors import ProgtuningError, warn
+from progtuning.runs.validation import Checked
 from progtuning.core.schedule import Schedule, explicit, no_progtuning, progressive
 
 logger = logging.getLogger("progtuning")
@@ -75,16 +79,25 @@ class Prepared:
     model: torch.nn.Module
     model_path: str
     is_qa: bool
+    notes: list[str] = field(default_factory=list)  # one-line warnings, shown and kept in results.json
 
 
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
-def run(config: TrainConfig) -> dict:
-    """Train one experiment and return (and write) its results."""
+def run(config: TrainConfig, checked: Checked | None = None) -> dict:
+    """Train one experiment and return (and write) its results.
+
+    ``checked`` is :func:`~progtuning.runs.validation.preflight`'s answer when the caller (the CLI)
+    already ran it before importing this module; otherwise it runs here.
+    """
+    from progtuning.runs.output_dir import claim, io_error, is_io_fault, release_if_unused
+    from progtuning.runs.resume import config_record
+    from progtuning.runs.validation import preflight
+
     started = time.perf_counter()
-    output_dir = Path(config.output_dir)
-    _check_output_dir(output_dir, config)
+    output_dir = Path(config.output_dir).expanduser()
+    checked = checked or preflight(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.progtuning:
@@ -92,22 +105,48 @@ def run(config: TrainConfig) -> dict:
 
         refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
     prepared = prepare(config)
-    if config.overwrite and output_dir.exists() and not config.resume and launcher_rank() == 0:
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results = _train(prepared, output_dir)
-    results["wall_time_s"] = round(time.perf_counter() - started, 2)
-    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if launcher_rank() == 0:  # several processes (torchrun): one writer
-        write_json_atomic(output_dir / RESULTS_FILE, results)
+    record = config_record(config)  # kept in every checkpoint: a resume must not change the run
+    writer = launcher_rank() == 0
+    claimed = None
+    if writer and not config.resume:
+        claimed = claim(output_dir, overwrite=config.overwrite)
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = _train(prepared, output_dir, checked.resume_from, record)
+        results["wall_time_s"] = round(time.perf_counter() - started, 2)
+        results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if writer:  # several processes (torchrun): one writer
+            write_json_atomic(output_dir / RESULTS_FILE, results)
+    except BaseException as error:
+        if claimed is not None:
+            release_if_unused(claimed)  # failed before its first checkpoint: no folder left behind
+        if is_io_fault(error):
+            raise io_error(error, f"cannot write the run's files in {config.output_dir}", _io_hint(error, output_dir)) \
+                from None
+        raise
     return results
+
+
+def _io_hint(error: OSError, output_dir: Path) -> str | None:
+    """How to go on after an I/O fault: resume from the last checkpoint if there is one."""
+    import errno
+
+    from progtuning.runs.checkpoints import last_checkpoint
+
+    last = last_checkpoint(output_dir / CHECKPOINTS)
+    if last is None:
+        return None
+    fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
+    return f"{fix}, then resume with --resume (the last good checkpoint is {last})"
 
 
 def prepare(config: TrainConfig) -> Prepared:
     """Load and check the task, the tokenizer and the model, and apply the fine-tuning method."""
     from transformers import set_seed
 
-    from progtuning.runs.models import resolve_model
+    from progtuning.runs.models import remote_code_note, resolve_model
+    from progtuning.runs.validation import check_max_length
     from progtuning.tasks.registry import is_squad
 
     is_qa = is_squad(config.task)
@@ -125,31 +164,32 @@ def prepare(config: TrainConfig) -> Prepared:
 
         task, data = load_text_task(config)
         check_text_data(task, data)
+    notes = _data_notes(task)
     model_path = resolve_model(config.model)
     tokenizer = _load_tokenizer(model_path, config)
     set_seed(config.seed)  # the new head's initialisation
     model = _load_model(model_path, config, task, is_qa, tokenizer)
+    check_max_length(config.max_length, model.config.to_dict(), config.model)  # known for every model only now
+    note = remote_code_note(config.model, model.config.to_dict(), config.trust_remote_code)
+    if note:
+        notes.append(note)
+    for note in notes:
+        warn(note)
     model = _apply_method(model, config, is_qa)
-    return Prepared(config, task, data, tokenizer, model, model_path, is_qa)
+    return Prepared(config, task, data, tokenizer, model, model_path, is_qa, notes)
+
+
+def _data_notes(task) -> list[str]:
+    skipped = (getattr(task, "extra", None) or {}).get("skipped_rows") or {}
+    if not any(skipped.values()):
+        return []
+    counts = ", ".join(f"{n} in the {split} file" for split, n in skipped.items() if n)
+    return [f"skipped {sum(skipped.values())} row(s) with an empty text or label ({counts}; --skip-bad-rows)"]
 
 
 # --------------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------------
-def _check_output_dir(output_dir: Path, config: TrainConfig) -> None:
-    if config.resume:
-        if not _last_checkpoint(output_dir):
-            raise ProgtuningError(f"--resume found no checkpoint in {output_dir / CHECKPOINTS}: run without --resume")
-        return
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ProgtuningError(f"output_dir {output_dir} is a file: choose a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not config.overwrite:
-        raise ProgtuningError(
-            f"output_dir {output_dir} exists and is not empty: pass --overwrite to replace it, "
-            "--resume to continue it, or choose another --output-dir"
-        )
-
-
 def check_text_data(task, data) -> None:
     """Columns present, splits non-empty, labels in range — one line per problem."""
     for split in ("train", *task.eval_splits):
@@ -174,13 +214,6 @@ def check_text_data(task, data) -> None:
                 )
 
 
-def _last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    folder = output_dir / CHECKPOINTS
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
@@ -198,7 +231,11 @@ def _load_tokenizer(model_path: str, config: TrainConfig):
 
 
 def _load_model(model_path: str, config: TrainConfig, task, is_qa: bool, tokenizer):
+    import pickle
+
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    from progtuning.runs.models import describe_load_error
 
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     try:
@@ -212,8 +249,11 @@ def _load_model(model_path: str, config: TrainConfig, task, is_qa: bool, tokeniz
                 kwargs["id2label"] = dict(enumerate(task.label_names))
                 kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
             model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ProgtuningError(_model_error(config.model, error))
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+        unsafe = describe_load_error(config.model, error)  # a pickle with code: never advise weights_only=False
+        if unsafe is None and isinstance(error, RuntimeError):
+            raise
+        raise ProgtuningError(unsafe or _model_error(config.model, error)) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -263,7 +303,7 @@ def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-def _train(prepared: Prepared, output_dir: Path) -> dict:
+def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None, record: dict | None = None) -> dict:
     from transformers import DataCollatorWithPadding, TrainingArguments, default_data_collator
 
     from progtuning.runs.checkpoints import (
@@ -277,6 +317,8 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     )
 
     from progtuning.core.blocks import find_blocks
+    from progtuning.runs.history import RunHistory, whole_run_loss
+    from progtuning.runs.integrity import select_checkpoint
 
     config, model, tokenizer = prepared.config, prepared.model, prepared.tokenizer
     layout = find_blocks(model, blocks=config.blocks)
@@ -327,6 +369,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     )
     stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
     curve = ValidationCurve(prepared.task.main_metric if not prepared.is_qa else None)
+    history = RunHistory(callback)
     trainer = ProgtuningTrainer(
         model=model,
         args=args,
@@ -335,14 +378,16 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[callback, cache_callback, stop, nan_guard, curve],
+        callbacks=[callback, cache_callback, stop, nan_guard, curve, history],  # history last: it sees every save
+        seal=_sealer(record),
     )
     train_started = time.perf_counter()
     resume = None
     if config.resume:
         if launcher_rank() == 0:
             clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
-        resume = _last_checkpoint(output_dir)
+        # The newest intact checkpoint, its config checked against this run's (preflight).
+        resume = resume_from or str(select_checkpoint(output_dir / CHECKPOINTS))
         check_checkpoint(resume, model, schedule, list(layout.block_paths))  # one line, before anything loads
     try:
         train_output = trainer.train(resume_from_checkpoint=resume)
@@ -389,12 +434,16 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         },
         "schedule": schedule.to_dict(),
         "planned_stage_starts": schedule.stage_starts(steps_per_epoch, callback.total_steps),
+        # The whole run's stages and loss, also after a resume (history.py).
         "stages": [
-            {**record, "blocks": list(schedule.stages[record["stage"]].blocks)} for record in callback.stage_records()
+            {**{k: v for k, v in stage.items() if k != "losses"}, "blocks": list(schedule.stages[stage["stage"]].blocks)}
+            for stage in history.stages(trainer.state.global_step)
         ],
+        "resumed_from_step": history.resumed_from,
         "steps": trainer.state.global_step,
         "steps_per_epoch": steps_per_epoch,
-        "train_loss": train_output.training_loss,
+        "train_loss": whole_run_loss(trainer.state.log_history, history.resumed_from, train_output.training_loss,
+                                     trainer.state.global_step),
         "metrics": metrics,
         "main_metric": main,
         "validation_score": metrics.get("validation", {}).get(main),
@@ -415,7 +464,21 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         "per_example": outputs if not prepared.is_qa else {},
         "validation_curve": curve.points,
         "log_history": trainer.state.log_history,
+        "warnings": prepared.notes,
     }
+
+
+def _sealer(record: dict | None):
+    """What closes each checkpoint: the run's config (compared on resume), then a sha256 per file."""
+    from progtuning.runs.integrity import write_checksums
+    from progtuning.runs.resume import write_config_record
+
+    def seal(folder: str) -> None:
+        if record is not None:
+            write_config_record(folder, record)
+        write_checksums(folder)
+
+    return seal
 
 
 def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, output_dir: Path):
@@ -560,12 +623,24 @@ def _strip_prefix(metrics: dict, prefix: str) -> dict:
 def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
     from progtuning.methods.api import save_method
 
-    model_dir = output_dir / "model"
-    if config.method == "full":
-        trainer.save_model(str(model_dir))
-    else:
-        save_method(model, method_config(config), str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    # Written beside its place and renamed into it: a full disk never leaves half a model (or a resumed
+    # run's older model replaced by half of a new one).
+    final, staging, old = output_dir / "model", output_dir / ".partial-model", output_dir / ".deleting-model"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        if config.method == "full":
+            trainer.save_model(str(staging))
+        else:
+            save_method(model, method_config(config), str(staging))
+        tokenizer.save_pretrained(str(staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _task_summary(prepared: Prepared) -> dict:
@@ -575,6 +650,7 @@ def _task_summary(prepared: Prepared) -> dict:
         "main_metric": task.main_metric,
         "num_labels": getattr(task, "num_labels", None),
         "sizes": {split: len(dataset) for split, dataset in prepared.data.items()},
+        "skipped_rows": (getattr(task, "extra", None) or {}).get("skipped_rows") or {},
     }
 
 
@@ -585,12 +661,16 @@ def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON so that a reader (or a crash) never sees half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes it private; a results file is for everyone to read
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; a results file is for everyone to read
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind
+        raise
 
 
 def _json_default(value):

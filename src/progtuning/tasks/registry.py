@@ -75,6 +75,7 @@ def load_text_task(config) -> tuple[TextTask, "DatasetDict"]:
             task_type=config.task_type,
             label_names=config.label_names,
             num_labels=config.num_labels,
+            skip_bad_rows=getattr(config, "skip_bad_rows", False),
         )
     elif name in builtin.BUILTIN_TASKS:
         # Stratified subsets; the evaluation subset is drawn with a fixed seed, so runs with

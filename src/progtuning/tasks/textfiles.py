@@ -10,8 +10,9 @@ Formats, by file extension:
   TSV files are), so a ``"`` inside a text is just a character.
 * ``.jsonl`` — one JSON object per line; ``.json`` — the same, or one JSON array of objects.
 
-All files are UTF-8 (a byte-order mark is fine). Only an empty cell counts as missing: texts such
-as ``NA`` or ``null`` are kept as written.
+All files are UTF-8 (a byte-order mark is fine). Only an empty (or blank) cell counts as missing:
+texts such as ``NA`` or ``null`` are kept as written. A row with an empty text or label is refused,
+naming the first one; with ``skip_bad_rows`` such rows are dropped and counted instead.
 
 Labels. Regression labels must be numbers and become float32. Classification labels become ids
 0..K-1 in a ``label`` column, with one mapping for all splits, built from the train file:
@@ -19,11 +20,13 @@ Labels. Regression labels must be numbers and become float32. Classification lab
 * with ``label_names``: a label equal to one of the names gets that name's position; integer
   labels are otherwise taken as ids and must lie in ``0..len(label_names)-1``;
 * with ``num_labels``: integer labels must lie in ``0..num_labels-1``;
-* otherwise integer labels that are exactly 0..K-1 are kept as ids, and any other labels (strings,
-  or integers such as 1..5 stars) are sorted and numbered in that order, their text becoming
-  the label names.
+* otherwise integer labels (``1``, ``"1"``, ``1.0``) that are exactly 0..K-1 are kept as ids, and
+  any other labels (strings, or integers such as 1..5 stars) are sorted and numbered in that
+  order, their text becoming the label names.
 
-A label in validation or test that never appears in train is an error. Without a validation file,
+Refused, with the same message in every format: numbers that are not integers as classes (use
+regression), labels that mix numbers and names (``pos`` beside ``0``/``1``), and a train file with a
+single class. A label in validation or test that never appears in train is an error. Without a validation file,
 10% of train is split off (stratified by label where every label has two or more examples,
 ``random_state=0``); a validation example whose label is then missing from train moves back to
 train. Every mistake raises :class:`~progtuning.errors.ProgtuningError` with a one-line message.
@@ -78,6 +81,8 @@ def _read(path: str | Path, split: str) -> pd.DataFrame:
         raise ProgtuningError(
             f"cannot tell the format of {split} file '{path}': name it .csv, .tsv or .jsonl"
         )
+    if p.is_dir():
+        raise ProgtuningError(f"{split} file '{path}' is a directory, not a file: give the file inside it")
     if not p.is_file():
         raise ProgtuningError(f"{split} file '{path}' does not exist: check the path")
     try:
@@ -108,20 +113,38 @@ def _read(path: str | Path, split: str) -> pd.DataFrame:
     return frame
 
 
-def _column(frame: pd.DataFrame, column: str, split: str, path: str | Path, option: str) -> list:
-    if column not in frame.columns:
-        existing = ", ".join(str(c) for c in frame.columns)
+def _check_columns(frame: pd.DataFrame, columns: dict[str, str], split: str, path: str | Path) -> None:
+    for column, option in columns.items():
+        if column not in frame.columns:
+            existing = ", ".join(str(c) for c in frame.columns)
+            raise ProgtuningError(
+                f"{split} file '{path}' has no column '{column}' (it has: {existing}): set {option}"
+            )
+
+
+def _drop_bad_rows(
+    frame: pd.DataFrame, columns: Sequence[str], split: str, path: str | Path, skip: bool
+) -> tuple[pd.DataFrame, int]:
+    """Rows with an empty text or label: refused (the first is named), or dropped and counted with ``skip``."""
+    bad = np.zeros(len(frame), dtype=bool)
+    first: tuple[int, str] | None = None
+    for column in columns:
+        values = frame[column]
+        empty = values.isna().to_numpy() | values.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy()
+        if empty.any() and (first is None or int(np.argmax(empty)) < first[0]):
+            first = (int(np.argmax(empty)), column)
+        bad |= empty
+    if first is None:
+        return frame, 0
+    if not skip:
         raise ProgtuningError(
-            f"{split} file '{path}' has no column '{column}' (it has: {existing}): set {option}"
+            f"{split} file '{path}' row {first[0] + 1} has an empty '{first[1]}' ({int(bad.sum())} such rows): "
+            "fill them in or drop them, or pass --skip-bad-rows to skip and count them"
         )
-    values = frame[column]
-    missing = values.isna().to_numpy()
-    if missing.any():
-        row = int(np.argmax(missing)) + 1
-        raise ProgtuningError(
-            f"{split} file '{path}' row {row} has an empty '{column}': fill it in or drop the row"
-        )
-    return values.tolist()
+    kept = frame[~bad].reset_index(drop=True)
+    if len(kept) == 0:
+        raise ProgtuningError(f"{split} file '{path}' has no row with a text and a label: check the columns")
+    return kept, int(bad.sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,11 +157,22 @@ def _as_int(value: object) -> int | None:
         return None
     if isinstance(value, (int, np.integer)):
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", value):
+        return int(float(value)) if "." in value else int(value)
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return int(value)
     return None
+
+
+def _as_number(value: object) -> float | None:
+    """The value as a finite number (1.5, "1.5", "2e-1"), else None; booleans are not numbers."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _class_labels(
@@ -149,12 +183,27 @@ def _class_labels(
 ) -> tuple[dict[str, list[int]], tuple[str, ...] | None, int]:
     """Map every split's raw labels to ids with one mapping; returns (ids, names, num_labels)."""
     every = [v for values in raw.values() for v in values]
+    named = {str(n) for n in label_names} if label_names is not None else set()
     for value in every:
-        if isinstance(value, (float, np.floating)) and _as_int(value) is None:
+        # the same message for every format: a CSV/TSV cell "1.5" is a string, a JSON 1.5 a float
+        if _as_int(value) is None and _as_number(value) is not None and str(value) not in named:
             raise ProgtuningError(
                 f"label {value} is not a class: use task_type='regression' for numeric targets"
             )
     integers = all(_as_int(v) is not None for v in every)
+    if not integers and label_names is None and any(_as_int(v) is not None for v in every):
+        numbers = sorted({str(v) for v in every if _as_int(v) is not None})[:3]
+        words = sorted({str(v) for v in every if _as_int(v) is None})[:3]
+        raise ProgtuningError(
+            f"labels mix numbers ({', '.join(numbers)}) and names ({', '.join(repr(w) for w in words)}): "
+            "use one kind of label in every file, or give label_names"
+        )
+    distinct = {_as_int(v) if integers else str(v) for v in raw["train"]}
+    if len(distinct) < 2:
+        raise ProgtuningError(
+            f"train file '{paths['train']}' has a single label ({next(iter(distinct))!r}): classification needs "
+            "examples of at least two classes (or use task_type='regression' for numeric targets)"
+        )
 
     names: tuple[str, ...] | None
     if label_names is not None:
@@ -266,11 +315,14 @@ def load_text_files(
     *,
     num_labels: int | None = None,
     name: str | None = None,
+    skip_bad_rows: bool = False,
 ) -> tuple[TextTask, datasets.DatasetDict]:
     """Load a user's CSV/TSV/JSONL files as a text task (see the module docstring for the rules).
 
     The returned DatasetDict has splits ``train``, ``validation`` and (if given) ``test``, with
-    the text column(s) under their own names and the labels in ``label``.
+    the text column(s) under their own names and the labels in ``label``. With ``skip_bad_rows``
+    a row with an empty text or label is dropped instead of refused; ``task.extra["skipped_rows"]``
+    counts them per file.
     """
     if task_type not in ("classification", "regression"):
         raise ProgtuningError(f"unknown task_type '{task_type}': use 'classification' or 'regression'")
@@ -289,16 +341,15 @@ def load_text_files(
 
     paths = {s: p for s, p in (("train", train), ("validation", validation), ("test", test)) if p is not None}
     frames = {split: _read(path, split) for split, path in paths.items()}
+    options = {**dict(zip(text_columns, ("text_column", "text_pair_column"))), label_column: "label_column"}
+    skipped = {}
+    for split in list(frames):
+        _check_columns(frames[split], options, split, paths[split])
+        frames[split], skipped[split] = _drop_bad_rows(frames[split], list(options), split, paths[split], skip_bad_rows)
     texts = {
-        split: {
-            col: [str(v) for v in _column(frame, col, split, paths[split], option)]
-            for col, option in zip(text_columns, ("text_column", "text_pair_column"))
-        }
-        for split, frame in frames.items()
+        split: {col: [str(v) for v in frame[col].tolist()] for col in text_columns} for split, frame in frames.items()
     }
-    raw = {
-        split: _column(frame, label_column, split, paths[split], "label_column") for split, frame in frames.items()
-    }
+    raw = {split: frame[label_column].tolist() for split, frame in frames.items()}
 
     if regression:
         labels: dict[str, list] = _regression_labels(raw, paths)
@@ -338,6 +389,6 @@ def load_text_files(
         label_names=names,
         eval_splits=tuple(s for s in splits if s != "train"),
         description=f"text files: {', '.join(f'{s}={p}' for s, p in paths.items())}",
-        extra={"files": {s: str(p) for s, p in paths.items()}, "task_type": task_type},
+        extra={"files": {s: str(p) for s, p in paths.items()}, "task_type": task_type, "skipped_rows": skipped},
     )
     return task, data
