@@ -10,8 +10,9 @@ This is the only module that knows the datasets and the Trainer together. ``run(
 3. evaluates the validation split(s), and the test split once at the very end (model selection
    never looks at test), saves model and tokenizer, and writes ``OUTPUT_DIR/results.json``.
 
-SQuAD runs the same loop with a question-answering head; its predictions are post-processed
-outside the Trainer (:mod:`progtuning.tasks.squad`).
+Everything that depends on the kind of task (its head, its tokenization, its collator, its
+scores) comes from the :class:`~progtuning.tasks.base.Task` the source returns: SQuAD runs the
+same loop as SST-2.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
 from progtuning.errors import ProgtuningError
 from progtuning.core.schedule import Schedule, explicit, no_progtuning, progressive
+from progtuning.tasks.base import Task
 
 logger = logging.getLogger("progtuning")
 
@@ -53,27 +55,16 @@ RESULTS_FILE = "results.json"
 CHECKPOINTS = "checkpoints"
 
 
-@dataclass(frozen=True)
-class QATask:
-    """SQuAD described the way results.json and the tables need it."""
-
-    name: str
-    version: str
-    main_metric: str = "f1"
-    num_labels: None = None
-
-
 @dataclass
 class Prepared:
     """Everything a run needs, built and checked before anything is written."""
 
     config: TrainConfig
-    task: Any  # TextTask, or the SQuAD description
+    task: Task
     data: Any  # DatasetDict of raw examples
     tokenizer: Any
     model: torch.nn.Module
     model_path: str
-    is_qa: bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,29 +98,15 @@ def prepare(config: TrainConfig) -> Prepared:
     from transformers import set_seed
 
     from progtuning.runs.models import resolve_model
-    from progtuning.tasks.registry import is_squad
+    from progtuning.tasks.registry import load_task
 
-    is_qa = is_squad(config.task)
-    if is_qa:
-        from progtuning.tasks.squad import load_squad
-
-        from progtuning.tasks.registry import SQUAD_TASKS, subsample
-
-        version = SQUAD_TASKS[config.task.lower()]
-        task = QATask(name=f"squad-v{version}", version=version)
-        data = load_squad(version, config.data_dir)
-        data = subsample(data, config.max_train_examples, config.max_eval_examples, config.seed)
-    else:
-        from progtuning.tasks.registry import load_text_task
-
-        task, data = load_text_task(config)
-        check_text_data(task, data)
+    task, data = load_task(config)
     model_path = resolve_model(config.model)
     tokenizer = _load_tokenizer(model_path, config)
     set_seed(config.seed)  # the new head's initialisation
-    model = _load_model(model_path, config, task, is_qa, tokenizer)
-    model = _apply_method(model, config, is_qa)
-    return Prepared(config, task, data, tokenizer, model, model_path, is_qa)
+    model = _load_model(model_path, config, task, tokenizer)
+    model = _apply_method(model, config, task)
+    return Prepared(config, task, data, tokenizer, model, model_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,30 +124,6 @@ def _check_output_dir(output_dir: Path, config: TrainConfig) -> None:
             f"output_dir {output_dir} exists and is not empty: pass --overwrite to replace it, "
             "--resume to continue it, or choose another --output-dir"
         )
-
-
-def check_text_data(task, data) -> None:
-    """Columns present, splits non-empty, labels in range — one line per problem."""
-    for split in ("train", *task.eval_splits):
-        if split not in data:
-            raise ProgtuningError(f"task {task.name} has no {split!r} split (found: {', '.join(data)}); provide one")
-    for split, dataset in data.items():
-        if len(dataset) == 0:
-            raise ProgtuningError(f"the {split} split of {task.name} is empty: check the file or the subsampling")
-        needed = [*task.text_columns, task.label_column]
-        missing = [c for c in needed if c not in dataset.column_names]
-        if missing:
-            raise ProgtuningError(
-                f"{split} split of {task.name} lacks column(s) {', '.join(missing)} "
-                f"(has: {', '.join(dataset.column_names)}): set text_column / label_column"
-            )
-        if not task.is_regression:
-            labels = np.asarray(dataset[task.label_column])
-            bad = labels[(labels < 0) | (labels >= task.num_labels)]
-            if bad.size:
-                raise ProgtuningError(
-                    f"{split} split of {task.name} has label {bad[0]} outside 0..{task.num_labels - 1}: fix the labels"
-                )
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
@@ -196,21 +149,9 @@ def _load_tokenizer(model_path: str, config: TrainConfig):
     return tokenizer
 
 
-def _load_model(model_path: str, config: TrainConfig, task, is_qa: bool, tokenizer):
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+def _load_model(model_path: str, config: TrainConfig, task: Task, tokenizer):
     try:
-        if is_qa:
-            model = AutoModelForQuestionAnswering.from_pretrained(model_path, **kwargs)
-        else:
-            kwargs["num_labels"] = task.num_labels
-            if task.is_regression:
-                kwargs["problem_type"] = "regression"
-            if task.label_names:
-                kwargs["id2label"] = dict(enumerate(task.label_names))
-                kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        model = task.load_model(model_path, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:
         raise ProgtuningError(_model_error(config.model, error))
     if model.config.pad_token_id is None:
@@ -226,10 +167,10 @@ def _model_error(name: str, error: Exception) -> str:
     )
 
 
-def _apply_method(model, config: TrainConfig, is_qa: bool):
+def _apply_method(model, config: TrainConfig, task: Task):
     from progtuning.methods.api import apply_method
 
-    return apply_method(model, method_config(config), task_type="qa" if is_qa else "seq_cls")
+    return apply_method(model, method_config(config), task_type=task.task_type)
 
 
 def method_config(config: TrainConfig):
@@ -263,105 +204,37 @@ def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
 # training
 # --------------------------------------------------------------------------------------------
 def _train(prepared: Prepared, output_dir: Path) -> dict:
-    from transformers import DataCollatorWithPadding, TrainingArguments, default_data_collator
-
-    from progtuning.runs.checkpoints import (
-        ProgtuningTrainer,
-        StopOnNonFiniteLoss,
-        StopOnSignal,
-        TrainingStopped,
-        check_checkpoint,
-        clean_partial_checkpoints,
-        last_checkpoint,
-    )
-
     from progtuning.core.blocks import find_blocks
+    from progtuning.runs.checkpoints import ProgtuningTrainer
 
-    config, model, tokenizer = prepared.config, prepared.model, prepared.tokenizer
+    config, task, model, tokenizer = prepared.config, prepared.task, prepared.model, prepared.tokenizer
     layout = find_blocks(model, blocks=config.blocks)
     schedule = build_schedule(config, layout.num_blocks)
     callback = ProgtuningCallback(schedule, blocks=config.blocks, eval_frozen_blocks=config.eval_frozen_blocks)
 
-    if prepared.is_qa:
-        train_set, eval_sets, eval_features = tokenize_qa(prepared.data, tokenizer, config)
-        collator = default_data_collator
-        compute_metrics = None
-    else:
-        train_set, eval_sets = tokenize_text(prepared.task, prepared.data, tokenizer, config.max_length)
-        collator = DataCollatorWithPadding(tokenizer)
-        compute_metrics = _metric_adapter(prepared.task)
+    features = task.preprocess(prepared.data, tokenizer, config)
+    train_set, collator = features.train, task.collator(tokenizer)
     cache = _prefix_cache(config, model, layout, train_set, collator, output_dir)
     if cache is not None:
         train_set, collator = cache.dataset, ExampleIndexCollator(collator)
     cache_callback = PrefixCacheCallback(callback, cache)  # after the Progtuning callback: the stage is set
 
-    use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(output_dir / CHECKPOINTS),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        data_seed=config.seed,
-        eval_strategy="epoch" if "validation" in eval_sets and not prepared.is_qa else "no",
-        save_strategy="epoch" if config.save_checkpoints else "no",
-        save_total_limit=2,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        report_to=[],
-        use_cpu=use_cpu,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        remove_unused_columns=cache is None,  # the cache looks examples up by their index column
-        # Several processes: the wrapper is built before stage 0 is applied, so DDP registers every parameter
-        # and skips the frozen ones each step (measured correct for shrinking and growing schedules; see
-        # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
-        ddp_find_unused_parameters=True,
-    )
-    stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
+    evaluate_each_epoch = task.evaluates_each_epoch and "validation" in features.eval
     trainer = ProgtuningTrainer(
         model=model,
-        args=args,
+        args=_training_arguments(config, output_dir, evaluate_each_epoch, keep_all_columns=cache is not None),
         train_dataset=train_set,
-        eval_dataset=eval_sets.get("validation") if args.eval_strategy != "no" else None,
+        eval_dataset=features.eval["validation"] if evaluate_each_epoch else None,
         data_collator=collator,
         processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        callbacks=[callback, cache_callback, stop, nan_guard],
+        compute_metrics=task.trainer_metrics(),
+        callbacks=[callback, cache_callback],
     )
     train_started = time.perf_counter()
-    resume = None
-    if config.resume:
-        if launcher_rank() == 0:
-            clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
-        resume = _last_checkpoint(output_dir)
-        check_checkpoint(resume, model, schedule, list(layout.block_paths))  # one line, before anything loads
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume)
-    finally:  # also when training raised: give the signal handlers back, drop the loss hook
-        stop.restore()
-        nan_guard.close()
+    train_output = _fit(trainer, callback, config, output_dir, schedule, layout)
     train_time = time.perf_counter() - train_started
-    if stop.stopped_at is not None:
-        raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
-                              last_checkpoint(output_dir / CHECKPOINTS))
 
-    if prepared.is_qa:
-        metrics = {
-            split: evaluate_qa(trainer, prepared.data[split], eval_sets[split], eval_features[split], prepared.task)
-            for split in eval_sets
-        }
-    else:
-        metrics = {
-            split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split)
-            for split, dataset in eval_sets.items()
-        }
+    metrics = {split: task.evaluate(trainer, features, split) for split in features.eval}
     if config.save_model and trainer.is_world_process_zero():
         _save(trainer, model, tokenizer, config, output_dir)
 
@@ -370,12 +243,12 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     # and the stages switch exactly where planned (test_train checks it).
     lengths = schedule.stage_lengths(steps_per_epoch, trainer.state.global_step)
     accounting = count_updates(callback.freezer, lengths, epochs=trainer.state.global_step / steps_per_epoch)
-    main = prepared.task.main_metric
+    main = task.main_metric
     return {
         "config": config.to_dict(),
         "versions": library_versions(),
         "seed": config.seed,
-        "task": _task_summary(prepared),
+        "task": task.summary(prepared.data),
         "model": {
             "name": config.model,
             "path": prepared.model_path,
@@ -410,6 +283,70 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     }
 
 
+def _training_arguments(config: TrainConfig, output_dir: Path, evaluate_each_epoch: bool, keep_all_columns: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir / CHECKPOINTS),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="epoch" if evaluate_each_epoch else "no",
+        save_strategy="epoch" if config.save_checkpoints else "no",
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        remove_unused_columns=not keep_all_columns,  # the prefix cache looks examples up by their index column
+        # Several processes: the wrapper is built before stage 0 is applied, so DDP registers every parameter
+        # and skips the frozen ones each step (measured correct for shrinking and growing schedules; see
+        # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
+        ddp_find_unused_parameters=True,
+    )
+
+
+def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir: Path, schedule, layout):
+    """``trainer.train()``, resumed if asked, stopped cleanly on SIGTERM/Ctrl-C or a non-finite loss."""
+    from progtuning.runs.checkpoints import (
+        StopOnNonFiniteLoss,
+        StopOnSignal,
+        TrainingStopped,
+        check_checkpoint,
+        clean_partial_checkpoints,
+        last_checkpoint,
+    )
+
+    stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
+    trainer.add_callback(stop)
+    trainer.add_callback(nan_guard)
+    resume = None
+    if config.resume:
+        if launcher_rank() == 0:
+            clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
+        resume = _last_checkpoint(output_dir)
+        check_checkpoint(resume, trainer.model, schedule, list(layout.block_paths))  # one line, before anything loads
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:  # also when training raised: give the signal handlers back, drop the loss hook
+        stop.restore()
+        nan_guard.close()
+    if stop.stopped_at is not None:
+        raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
+                              last_checkpoint(output_dir / CHECKPOINTS))
+    return output
+
+
 def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, output_dir: Path):
     """The frozen-prefix cache if asked for and valid here; otherwise None, with the reason logged."""
     if not config.cache_frozen:
@@ -432,91 +369,6 @@ def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, outpu
     )
 
 
-def tokenize_text(task, data, tokenizer, max_length: int):
-    """Tokenized train split and evaluation splits (validation first, test last)."""
-
-    text_columns, label_column = task.text_columns, task.label_column
-
-    def encode(batch):
-        texts = [batch[column] for column in text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        encoded["labels"] = batch[label_column]
-        return encoded
-
-    def tokenized(dataset):
-        return dataset.map(
-            encode,
-            batched=True,
-            remove_columns=dataset.column_names,
-            desc="tokenizing",
-            new_fingerprint=_fingerprint(dataset, tokenizer, max_length),
-        )
-
-    eval_splits = [s for s in (*task.eval_splits, "test") if s in data]
-    return tokenized(data["train"]), {split: tokenized(data[split]) for split in eval_splits}
-
-
-def tokenize_qa(data, tokenizer, config: TrainConfig):
-    """SQuAD windows: train features with answer positions; eval features plus what post-processing needs."""
-    from progtuning.tasks.squad import prepare_eval_features, prepare_train_features
-
-    window = dict(tokenizer=tokenizer, max_length=config.max_length, doc_stride=config.doc_stride)
-    train = data["train"].map(
-        lambda batch: prepare_train_features(batch, **window),
-        batched=True,
-        remove_columns=data["train"].column_names,
-        desc="windows (train)",
-        new_fingerprint=_fingerprint(data["train"], tokenizer, config.max_length, config.doc_stride, "train"),
-    )
-    eval_sets, eval_features = {}, {}
-    for split in [s for s in data if s != "train"]:
-        features = data[split].map(
-            lambda batch: prepare_eval_features(batch, **window),
-            batched=True,
-            remove_columns=data[split].column_names,
-            desc=f"windows ({split})",
-            new_fingerprint=_fingerprint(data[split], tokenizer, config.max_length, config.doc_stride, "eval"),
-        )
-        eval_features[split] = features
-        # The model sees only its inputs; example ids and offsets stay behind for post-processing.
-        eval_sets[split] = features.remove_columns(["example_id", "offset_mapping"])
-    return train, eval_sets, eval_features
-
-
-def evaluate_qa(trainer, examples, model_inputs, features, task: QATask) -> dict:
-    """Predict start/end logits, turn them into answer strings, and score them (EM/F1)."""
-    from progtuning.tasks.squad import postprocess_predictions, squad_metrics
-
-    output = trainer.predict(model_inputs)
-    start_logits, end_logits = output.predictions[:2]
-    version_2 = task.version == "2.0"
-    answers = postprocess_predictions(examples, features, start_logits, end_logits, version_2=version_2)
-    return squad_metrics(answers, examples, version_2=version_2)
-
-
-def _fingerprint(dataset, tokenizer, max_length: int, *extra) -> str:
-    # Without it, datasets hashes `encode` by pickling its closure with dill, which walks the
-    # tokenizer and every global it reaches: minutes on a small CPU for a one-second map.
-    import hashlib
-
-    key = repr((dataset._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length, *extra))
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _metric_adapter(task):
-    def compute(prediction):
-        predictions = prediction.predictions
-        if isinstance(predictions, tuple):
-            predictions = predictions[0]
-        return task.metric(np.asarray(predictions), np.asarray(prediction.label_ids))
-
-    return compute
-
-
-def _strip_prefix(metrics: dict, prefix: str) -> dict:
-    return {key[len(prefix) + 1 :] if key.startswith(prefix + "_") else key: value for key, value in metrics.items()}
-
-
 def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
     from progtuning.methods.api import save_method
 
@@ -526,16 +378,6 @@ def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> N
     else:
         save_method(model, method_config(config), str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
-
-
-def _task_summary(prepared: Prepared) -> dict:
-    task = prepared.task
-    return {
-        "name": task.name,
-        "main_metric": task.main_metric,
-        "num_labels": getattr(task, "num_labels", None),
-        "sizes": {split: len(dataset) for split, dataset in prepared.data.items()},
-    }
 
 
 # --------------------------------------------------------------------------------------------
