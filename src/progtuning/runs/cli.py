@@ -19,6 +19,7 @@ import shlex
 import sys
 
 from progtuning.errors import ProgtuningError
+from progtuning.methods.registry import METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--stages", type=int, help="number of parts/stages T (default: epochs)")
     plan.add_argument("--embeddings", default="always", help="always | first_stage | never")
     plan.add_argument("--unit", default="epoch", help="epoch | fraction")
-    plan.add_argument("--method", default="full", help="full | lora | adapter | bitfit")
+    plan.add_argument("--method", default="full", choices=list(METHODS), help="fine-tuning method (its default settings)")
     plan.add_argument("--num-labels", type=int, default=2)
     plan.add_argument("--blocks", help="dotted path of the block list, for unknown layouts")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -9,7 +9,8 @@ A YAML config's first line is a comment with the exact command that runs it::
     epochs: 3
 
 Any key can be overridden on the command line (``--epochs 4 --method lora``); booleans take
-``--flag`` / ``--no-flag``. Configs are read with ``yaml.safe_load``: a Python object tag is refused.
+``--flag`` / ``--no-flag``. The method's own keys (``lora_r``, ``adapter_type``, ...) are declared
+once, in :class:`~progtuning.methods.config.MethodSettings`, and inherited here. Configs are read with ``yaml.safe_load``: a Python object tag is refused.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from typing import Any, Optional
 
 import yaml
 
-from progtuning.errors import ProgtuningError
 from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
+from progtuning.errors import ProgtuningError
+from progtuning.methods.config import METHOD_HELP, MethodConfig, MethodSettings
+from progtuning.methods.registry import METHODS
 
-METHODS = ("full", "lora", "adapter", "bitfit", "peft")  # peft: any peft method from --peft-config
+# Keys that were renamed: old -> new (an old config gets a one-line hint instead of "unknown key").
+RENAMED_KEYS = {"peft_config": "peft_config_path"}
 
 
 def _help(text: str, default: Any = None, **kwargs) -> Any:
@@ -35,7 +39,9 @@ def _help(text: str, default: Any = None, **kwargs) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class _WhatToTrain:
+    """The first keys of a TrainConfig (split off so that the method settings follow ``method``)."""
+
     # -- what to train on --
     task: str = _help("task: a built-in task (rotten-tomatoes, trec6, ...), a GLUE task (sst2, mnli, ...), "
                       "squad / squad_v2, or 'files' with train_file", "rotten-tomatoes")
@@ -54,16 +60,14 @@ class TrainConfig:
     max_eval_examples: Optional[int] = _help("subsample validation and test to this many examples")
     max_length: int = _help("maximum tokens per example (SQuAD: window length)", 128)
     doc_stride: int = _help("SQuAD: overlap between windows of a long context", 128)
-    # -- the fine-tuning method --
-    method: str = _help("full | lora | adapter | bitfit | peft (with peft_config)", "full")
-    lora_r: int = _help("LoRA rank", 8)
-    lora_alpha: int = _help("LoRA alpha", 16)
-    lora_dropout: float = _help("LoRA dropout", 0.1)
-    lora_target_modules: Optional[list] = _help("LoRA target modules (default: the attention query/value of the architecture)")
-    peft_config: Optional[str] = _help("path to a peft config JSON: any other peft method")
-    adapter_type: str = _help("bottleneck adapter: houlsby (two per block) or pfeiffer (one)", "houlsby")
-    adapter_reduction_factor: int = _help("bottleneck size = hidden / this", 16)
-    adapter_train_layernorm: Optional[bool] = _help("train the blocks' LayerNorms with adapters (default: houlsby yes, pfeiffer no)")
+    # -- the fine-tuning method (its settings: MethodSettings, next in the field order) --
+    method: str = _help(METHOD_HELP, "full")
+
+
+@dataclass
+class TrainConfig(MethodSettings, _WhatToTrain):
+    """One experiment: task, model, method (with every MethodSettings key), Progtuning, optimisation, output."""
+
     # -- Progtuning --
     progtuning: bool = _help("progressive freezing on (off = the baseline run with everything else equal)", True)
     stages: Optional[int] = _help("number of parts/stages T (default: epochs)")
@@ -98,6 +102,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ProgtuningError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        self.method_config()  # the method's own checks (lora_r, adapter_type, peft_config_path, ...)
         if self.embeddings not in EMBEDDING_POLICIES:
             raise ProgtuningError(f"unknown embeddings policy {self.embeddings!r}: use one of {', '.join(EMBEDDING_POLICIES)}")
         if self.stage_unit not in UNITS:
@@ -114,6 +119,10 @@ class TrainConfig:
         if self.stages is not None and self.stages < 1:
             raise ProgtuningError(f"stages must be at least 1, got {self.stages}")
 
+    def method_config(self) -> MethodConfig:
+        """The method and its settings, as :func:`~progtuning.methods.api.apply_method` takes them."""
+        return MethodConfig.from_settings(self.method, self)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -128,6 +137,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         values.update(read_yaml(path))
     values.update(overrides or {})
+    renamed = sorted(k for k in values if k in RENAMED_KEYS)
+    if renamed:
+        raise ProgtuningError(f"config key {renamed[0]} is now called {RENAMED_KEYS[renamed[0]]}: rename it")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ProgtuningError(
@@ -163,6 +175,7 @@ def coerce(key: str, value: Any) -> Any:
     hint = _TYPES[key]
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    base = typing.get_origin(base) or base  # list[str] -> list
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None

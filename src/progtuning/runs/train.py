@@ -170,23 +170,7 @@ def _model_error(name: str, error: Exception) -> str:
 def _apply_method(model, config: TrainConfig, task: Task):
     from progtuning.methods.api import apply_method
 
-    return apply_method(model, method_config(config), task_type=task.task_type)
-
-
-def method_config(config: TrainConfig):
-    from progtuning.methods.api import MethodConfig
-
-    return MethodConfig(
-        name=config.method,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        lora_target_modules=config.lora_target_modules,
-        peft_config_path=config.peft_config,
-        adapter_type=config.adapter_type,
-        adapter_reduction_factor=config.adapter_reduction_factor,
-        adapter_train_layernorm=config.adapter_train_layernorm,
-    )
+    return apply_method(model, config.method_config(), task_type=task.task_type)
 
 
 def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
@@ -236,7 +220,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
 
     metrics = {split: task.evaluate(trainer, features, split) for split in features.eval}
     if config.save_model and trainer.is_world_process_zero():
-        _save(trainer, model, tokenizer, config, output_dir)
+        _save(model, tokenizer, config, output_dir)
 
     steps_per_epoch = callback.steps_per_epoch
     # From the schedule, not from the stage records: a resumed run recorded only its second half,
@@ -369,14 +353,12 @@ def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, outpu
     )
 
 
-def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
+def _save(model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
+    """What the method trained, with progtuning_method.json, so load_method rebuilds it (any method)."""
     from progtuning.methods.api import save_method
 
     model_dir = output_dir / "model"
-    if config.method == "full":
-        trainer.save_model(str(model_dir))
-    else:
-        save_method(model, method_config(config), str(model_dir))
+    save_method(model, config.method_config(), model_dir)
     tokenizer.save_pretrained(str(model_dir))
 
 
