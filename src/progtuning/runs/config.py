@@ -74,6 +74,8 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     embeddings: str = _help("embeddings train: always | first_stage | never", "always")
     stage_unit: str = _help("stage boundaries per epoch or per fraction of optimizer steps", "epoch")
     stage_blocks: Optional[list] = _help("explicit stages: a list of block-index lists (growing, top-down, custom)")
+    variant: Optional[str] = _help("name of this schedule variant (a sweep sets it): results.json records the "
+                                   "run's mode as prog-<variant>")
     blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
     eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
     cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
@@ -103,6 +105,8 @@ class TrainConfig(MethodSettings, _WhatToTrain):
         if self.method not in METHODS:
             raise ProgtuningError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         self.method_config()  # the method's own checks (lora_r, adapter_type, peft_config_path, ...)
+        if self.variant is not None and not self.variant.replace("-", "").replace("_", "").isalnum():
+            raise ProgtuningError(f"variant {self.variant!r} must be letters, digits, - or _: it names the run's mode")
         if self.embeddings not in EMBEDDING_POLICIES:
             raise ProgtuningError(f"unknown embeddings policy {self.embeddings!r}: use one of {', '.join(EMBEDDING_POLICIES)}")
         if self.stage_unit not in UNITS:

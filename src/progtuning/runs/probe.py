@@ -27,12 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from progtuning.runs.config import TrainConfig, load_config
 from progtuning.errors import ProgtuningError
+from progtuning.runs.config import TrainConfig, load_config
+from progtuning.runs.results import PROBE_FILE, PROBE_PLOT, RESULTS_FILE
 from progtuning.runs.sweep import RunSpec, Runner, Sweep, run_sweep, subprocess_runner
-
-PROBE_FILE = "probe.json"
-PLOT_FILE = "probe.png"
 
 
 def num_blocks_of(config: TrainConfig) -> int:
@@ -95,7 +93,7 @@ def run_probe(
     summary = summarize_probe(specs, config, num_blocks)
     summary["failed"] = failed
     (out_dir / PROBE_FILE).write_text(json.dumps(summary, indent=2))
-    summary["plot"] = str(plot_probe(summary, out_dir / PLOT_FILE))
+    summary["plot"] = str(plot_probe(summary, out_dir / PROBE_PLOT))
     echo(render_probe(summary))
     return summary
 
@@ -104,7 +102,7 @@ def summarize_probe(specs: Sequence[RunSpec], config: TrainConfig, num_blocks: i
     """Collect the finished runs' scores: per block (and the full reference), over seeds."""
     groups: dict[str, list[dict]] = {}
     for spec in specs:
-        path = spec.run_dir / "results.json"
+        path = spec.run_dir / RESULTS_FILE
         if path.is_file():
             groups.setdefault(spec.name.split("/")[0], []).append(json.loads(path.read_text()))
     metric = next((r["main_metric"] for rs in groups.values() for r in rs), None)

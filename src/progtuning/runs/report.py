@@ -11,13 +11,13 @@ import csv
 import json
 import math
 import os
-import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from progtuning.errors import ProgtuningError
+from progtuning.runs.results import PROBE_FILE, RESULTS_FILE, read_results
 
 
 def print_run_summary(results: dict) -> None:
@@ -56,20 +56,20 @@ def print_run_summary(results: dict) -> None:
 #     progtuning report runs/sweep-minilm [more dirs] --out docs/results [--markdown docs/results.md]
 #
 # Runs are grouped by (model, task, method); inside a group the baseline runs (no Progtuning) are
-# compared with each Progtuning mode ("prog", or "prog-<variant>" from a sweep's variants). The
+# compared with each Progtuning mode ("prog", or "prog-<variant>" from a sweep's variants), as
+# results.json records it (mode.label; older files: their sweep folder name, see runs.results). The
 # score is the task's main metric on one split (default: test; no model selection ever looks at
 # it). Per group and mode: median and min–max over seeds, the difference of the medians, in how
 # many seeds (paired by seed) Progtuning scored at least the baseline, updated parameters (in
 # parameter-epochs, see progtuning.core.counting), the reduction, the ratio of median training times
 # and the median peak memory. Nothing is trained or re-evaluated here.
 
-PROBE_FILE = "probe.json"
 REPORT_BEGIN = "<!-- report:begin -->"
 REPORT_END = "<!-- report:end -->"
-_MODE = re.compile(r"^(base|prog)(-[A-Za-z0-9_-]+)?$")
 # config keys that may differ inside one group without making its runs incomparable
 _RUN_KEYS = {"seed", "output_dir", "overwrite", "resume", "progtuning", "threads", "save_model", "save_checkpoints",
-             "logging_steps", "embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen"}
+             "logging_steps", "embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen",
+             "variant"}
 
 
 @dataclass
@@ -128,7 +128,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
             files.append(path)
         elif path.is_dir():
             probe_dirs = {p.parent for p in path.rglob(PROBE_FILE)}
-            files.extend(f for f in sorted(path.rglob("results.json")) if not probe_dirs & set(f.parents))
+            files.extend(f for f in sorted(path.rglob(RESULTS_FILE)) if not probe_dirs & set(f.parents))
         else:
             raise ProgtuningError(f"{path} does not exist: give run folders, sweep folders or results.json files")
     runs, seen = [], set()
@@ -137,8 +137,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
         if key in seen:
             continue
         seen.add(key)
-        results = json.loads(file.read_text())
-        runs.append(_run(file, results))
+        runs.append(_run(file, read_results(file)))
     return runs
 
 
@@ -162,30 +161,10 @@ def _run(path: Path, results: dict) -> Run:
         model=str(model.get("name") or config.get("model")),
         task=str(task.get("name") or config.get("task")),
         method=str(config.get("method", "full")),
-        mode=run_mode(path, config),
+        mode=results["mode"]["label"],
         seed=int(results.get("seed", config.get("seed", 0))),
         metric=str(results.get("main_metric") or task.get("main_metric") or "score"),
     )
-
-
-def run_mode(path: Path, config: dict) -> str:
-    """"base", "prog" or "prog-<variant>": the sweep's folder name, else derived from the config."""
-    parent = Path(path).parent
-    for name in (parent.parent.name, parent.name):  # .../<mode>/seed<k>/results.json, or .../<mode>/results.json
-        if _MODE.match(name):
-            return name
-    if not config.get("progtuning", True):
-        return "base"
-    mode = "prog"
-    if config.get("stage_blocks"):
-        mode += "-explicit"
-    if config.get("embeddings", "always") != "always":
-        mode += f"-emb-{config['embeddings']}"
-    if config.get("stages"):
-        mode += f"-T{config['stages']}"
-    if config.get("stage_unit", "epoch") != "epoch":
-        mode += f"-{config['stage_unit']}"
-    return mode
 
 
 def summarize_runs(runs: list[Run], split: str = "test") -> list[dict]:

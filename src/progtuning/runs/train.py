@@ -17,23 +17,20 @@ same loop as SST-2.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import platform
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from progtuning.core.callback import ProgtuningCallback
+from progtuning.core.telemetry import StageTelemetry
 from progtuning.cache.prefix_cache import (
     ExampleIndexCollator,
     FrozenPrefixCache,
@@ -47,12 +44,18 @@ from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
 from progtuning.errors import ProgtuningError
 from progtuning.core.schedule import Schedule, explicit, no_progtuning, progressive
+from progtuning.runs.results import (
+    CHECKPOINTS_DIR,
+    MODEL_DIR,
+    PREFIX_CACHE_DIR,
+    RESULTS_FILE,
+    SCHEMA_VERSION,
+    run_mode,
+    write_json_atomic,
+)
 from progtuning.tasks.base import Task
 
 logger = logging.getLogger("progtuning")
-
-RESULTS_FILE = "results.json"
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -115,7 +118,7 @@ def prepare(config: TrainConfig) -> Prepared:
 def _check_output_dir(output_dir: Path, config: TrainConfig) -> None:
     if config.resume:
         if not _last_checkpoint(output_dir):
-            raise ProgtuningError(f"--resume found no checkpoint in {output_dir / CHECKPOINTS}: run without --resume")
+            raise ProgtuningError(f"--resume found no checkpoint in {output_dir / CHECKPOINTS_DIR}: run without --resume")
         return
     if output_dir.exists() and not output_dir.is_dir():
         raise ProgtuningError(f"output_dir {output_dir} is a file: choose a folder")
@@ -129,7 +132,7 @@ def _check_output_dir(output_dir: Path, config: TrainConfig) -> None:
 def _last_checkpoint(output_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    folder = output_dir / CHECKPOINTS
+    folder = output_dir / CHECKPOINTS_DIR
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
@@ -195,6 +198,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     layout = find_blocks(model, blocks=config.blocks)
     schedule = build_schedule(config, layout.num_blocks)
     callback = ProgtuningCallback(schedule, blocks=config.blocks, eval_frozen_blocks=config.eval_frozen_blocks)
+    telemetry = StageTelemetry(callback)  # after the Progtuning callback: the stage is set
 
     features = task.preprocess(prepared.data, tokenizer, config)
     train_set, collator = features.train, task.collator(tokenizer)
@@ -212,7 +216,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
-        callbacks=[callback, cache_callback],
+        callbacks=[callback, telemetry, cache_callback],
     )
     train_started = time.perf_counter()
     train_output = _fit(trainer, callback, config, output_dir, schedule, layout)
@@ -229,6 +233,8 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     accounting = count_updates(callback.freezer, lengths, epochs=trainer.state.global_step / steps_per_epoch)
     main = task.main_metric
     return {
+        "schema": SCHEMA_VERSION,
+        "mode": run_mode(config.to_dict()),
         "config": config.to_dict(),
         "versions": library_versions(),
         "seed": config.seed,
@@ -243,7 +249,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         "schedule": schedule.to_dict(),
         "planned_stage_starts": schedule.stage_starts(steps_per_epoch, callback.total_steps),
         "stages": [
-            {**record, "blocks": list(schedule.stages[record["stage"]].blocks)} for record in callback.stage_records()
+            {**record, "blocks": list(schedule.stages[record["stage"]].blocks)} for record in telemetry.stage_records()
         ],
         "steps": trainer.state.global_step,
         "steps_per_epoch": steps_per_epoch,
@@ -271,7 +277,7 @@ def _training_arguments(config: TrainConfig, output_dir: Path, evaluate_each_epo
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(output_dir / CHECKPOINTS),
+        output_dir=str(output_dir / CHECKPOINTS_DIR),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         learning_rate=config.learning_rate,
@@ -317,7 +323,7 @@ def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir:
     resume = None
     if config.resume:
         if launcher_rank() == 0:
-            clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
+            clean_partial_checkpoints(output_dir / CHECKPOINTS_DIR)  # what a killed run left half-written
         resume = _last_checkpoint(output_dir)
         check_checkpoint(resume, trainer.model, schedule, list(layout.block_paths))  # one line, before anything loads
     try:
@@ -327,7 +333,7 @@ def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir:
         nan_guard.close()
     if stop.stopped_at is not None:
         raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
-                              last_checkpoint(output_dir / CHECKPOINTS))
+                              last_checkpoint(output_dir / CHECKPOINTS_DIR))
     return output
 
 
@@ -348,7 +354,7 @@ def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, outpu
         add_example_index(train_set),
         layout=layout,
         budget_mb=config.cache_budget_mb,
-        folder=str(output_dir / "prefix_cache"),
+        folder=str(output_dir / PREFIX_CACHE_DIR),
         build_batch_size=config.eval_batch_size,
     )
 
@@ -357,36 +363,14 @@ def _save(model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
     """What the method trained, with progtuning_method.json, so load_method rebuilds it (any method)."""
     from progtuning.methods.api import save_method
 
-    model_dir = output_dir / "model"
+    model_dir = output_dir / MODEL_DIR
     save_method(model, config.method_config(), model_dir)
     tokenizer.save_pretrained(str(model_dir))
 
 
 # --------------------------------------------------------------------------------------------
-# files
+# versions
 # --------------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes it private; a results file is for everyone to read
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
 def library_versions() -> dict:
     import accelerate
     import datasets
