@@ -67,7 +67,8 @@ from torch import nn
 from progtuning.core.blocks import find_blocks
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer
-from progtuning.cache.prefix_cache import INDEX_COLUMN, FrozenPrefixCache
+from progtuning.cache.data import INDEX_COLUMN
+from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.core.schedule import progressive
 
 ARCHS = ("bert", "roberta", "mpnet", "electra", "distilbert")
@@ -187,7 +188,7 @@ def make_batch(config: BenchConfig, batch: int, vocab: int, device) -> dict[str,
 def batch_dataset(batch: dict[str, torch.Tensor]):
     import datasets
 
-    from progtuning.cache.prefix_cache import add_example_index
+    from progtuning.cache.data import add_example_index
 
     rows = {k: v.cpu().tolist() for k, v in batch.items()}
     return add_example_index(datasets.Dataset.from_dict(rows))

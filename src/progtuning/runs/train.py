@@ -31,14 +31,10 @@ import torch
 
 from progtuning.core.callback import ProgtuningCallback
 from progtuning.core.telemetry import StageTelemetry
-from progtuning.cache.prefix_cache import (
-    ExampleIndexCollator,
-    FrozenPrefixCache,
-    PrefixCacheCallback,
-    add_example_index,
-    input_reason,
-    unsupported_reason,
-)
+from progtuning.cache.callback import PrefixCacheCallback
+from progtuning.cache.data import ExampleIndexCollator, add_example_index, input_reason
+from progtuning.cache.prefix import unsupported_reason
+from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.runs.config import TrainConfig
 from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
