@@ -31,3 +31,9 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ProgtuningError(f"unknown fine-tuning method {name!r}: use one of {', '.join(METHODS)}")
     return importlib.import_module(METHODS[name]).METHOD
+
+
+def method_rank(name: str) -> tuple[int, str]:
+    """Sort key that lists methods in registry order (unknown names last, alphabetically)."""
+    order = list(METHODS)
+    return (order.index(name) if name in order else len(order), name)

@@ -157,7 +157,7 @@ def _split_own_options(tokens: list[str], options: dict) -> tuple[list[str], lis
 def _train(args, rest: list[str]) -> int:
     from progtuning.runs.config import load_config, parse_overrides
     from progtuning.runs.train import run
-    from progtuning.runs.report import print_run_summary
+    from progtuning.runs.summary import print_run_summary
 
     from progtuning.core.distributed import launcher_rank
 
