@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     models.set_defaults(handler=_models)
 
-    from progtuning.runs.bench import add_arguments as add_bench_arguments
+    from progtuning.runs.bench_config import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="step time and peak memory: full fine-tuning vs each Progtuning stage")
     add_bench_arguments(bench)
