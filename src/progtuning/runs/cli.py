@@ -8,7 +8,8 @@
     progtuning report DIR... [--out DIR]              Markdown/CSV tables and PNG plots from results.json files
     progtuning probe CONFIG.yaml [--key value ...]    train embeddings + one block, for each block (Figure 1)
 
-A user's mistake is printed as one line, ``error: ...``, with exit code 2.
+A user's mistake is printed as one line, ``error: ...``, with exit code 2; so is a missing optional
+package, with the extra that installs it (:data:`EXTRAS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ import sys
 
 from progtuning.errors import ProgtuningError
 from progtuning.methods.registry import METHODS
+
+# Optional packages -> the pyproject extra that installs them (the core needs only torch + transformers).
+EXTRAS = {
+    "peft": "peft",
+    "rich": "cli",
+    "datasets": "train",
+    "pandas": "train",
+    "sklearn": "train",
+    "scipy": "train",
+    "matplotlib": "report",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "gguf": "gguf",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(error.message(_resume_command(argv)), file=sys.stderr)
             return exit_code
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in EXTRAS:
+            raise
+        print(f"error: {package} is not installed: pip install 'progtuning[{EXTRAS[package]}]' (or `make setup`)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -156,12 +178,12 @@ def _split_own_options(tokens: list[str], options: dict) -> tuple[list[str], lis
 
 def _train(args, rest: list[str]) -> int:
     from progtuning.runs.config import load_config, parse_overrides
-    from progtuning.runs.train import run
-    from progtuning.runs.summary import print_run_summary
 
+    config = load_config(args.config, parse_overrides(rest))  # a mistake is reported before torch loads
     from progtuning.core.distributed import launcher_rank
+    from progtuning.runs.summary import print_run_summary
+    from progtuning.runs.train import run
 
-    config = load_config(args.config, parse_overrides(rest))
     results = run(config)
     if launcher_rank() == 0:  # several processes (torchrun): one summary
         print_run_summary(results)
