@@ -152,21 +152,36 @@ class ProgtuningCallback(TrainerCallback):
     def _check_resume(self, args, state) -> None:
         # `state` was loaded from the checkpoint's trainer_state.json, wherever the checkpoint lies.
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
-        if saved is None:
-            return  # a checkpoint from a run without Progtuning: nothing to compare against
-        if saved.get("schedule_fingerprint") != self.schedule.fingerprint():
-            raise ProgtuningError(
-                f"the checkpoint at step {state.global_step} was made with another schedule "
-                f"({saved.get('schedule')}): resume with the same schedule, or start a new run in a new output folder"
-            )
-        if saved.get("block_paths") != list(self.freezer.layout.block_paths):
-            raise ProgtuningError(
-                "the checkpoint was made on a model with other blocks: resume with the same model and method"
-            )
+        check_resume_entry(saved, self.schedule, self.freezer.layout.block_paths,
+                           f"the checkpoint at step {state.global_step}")
 
     def _close_record(self, step: int) -> None:
         if self.records and self.records[-1].end_step is None:
             self.records[-1].end_step = step
+
+
+def check_resume_entry(saved, schedule: Schedule | None, block_paths, checkpoint: str) -> None:
+    """Refuse, with one line, to resume from a checkpoint made with another model or another schedule.
+
+    ``saved`` is the callback's entry in the checkpoint's ``trainer_state.json`` (``None``: a checkpoint
+    of a run without Progtuning, nothing to compare); ``checkpoint`` names it in the message. Used by the
+    callback as the Trainer resumes and by ``progtuning train --resume`` before anything loads.
+    ``schedule`` / ``block_paths`` of ``None`` skip that comparison.
+    """
+    if not isinstance(saved, dict):
+        return
+    if block_paths is not None and saved.get("block_paths") != list(block_paths):
+        raise ProgtuningError(
+            f"{checkpoint} was made with another model ({len(saved.get('block_paths') or [])} blocks, this "
+            f"one has {len(block_paths)}): resume with the same model and method, or start a new run"
+        )
+    if schedule is not None and saved.get("schedule_fingerprint") != schedule.fingerprint():
+        old = saved.get("schedule") or {}
+        raise ProgtuningError(
+            f"{checkpoint} was made with another schedule ({old.get('name')}, {len(old.get('stages', []))} "
+            f"stages; this run: {schedule.name}, {schedule.num_stages}): resume with the same schedule, or start a "
+            "new run in a new output folder"
+        )
 
 
 def _updates_per_epoch(train_dataloader, args, state) -> int:

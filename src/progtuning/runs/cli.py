@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, rest) or 0
     except ProgtuningError as error:
-        exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (checkpoints.TrainingStopped)
+        exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (stops.TrainingStopped)
         if exit_code is not None:
             from progtuning.core.distributed import launcher_rank
 

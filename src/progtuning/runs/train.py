@@ -304,14 +304,9 @@ def _training_arguments(config: TrainConfig, output_dir: Path, evaluate_each_epo
 
 def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir: Path, schedule, layout):
     """``trainer.train()``, resumed if asked, stopped cleanly on SIGTERM/Ctrl-C or a non-finite loss."""
-    from progtuning.runs.checkpoints import (
-        StopOnNonFiniteLoss,
-        StopOnSignal,
-        TrainingStopped,
-        check_checkpoint,
-        clean_partial_checkpoints,
-        last_checkpoint,
-    )
+    from progtuning.runs.checkpoint_files import clean_partial_checkpoints, last_checkpoint
+    from progtuning.runs.resume_checks import check_checkpoint
+    from progtuning.runs.stops import StopOnNonFiniteLoss, StopOnSignal, TrainingStopped
 
     stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
     trainer.add_callback(stop)
