@@ -35,7 +35,7 @@ How it works
   none. The build pads each example to its row as the dataset holds it, so with rows of one
   length (``padding="max_length"``, SQuAD features) both paths see the same shapes and agree to
   the last bit (tested on MiniLM-L6). With dynamic padding the uncached prefix runs at the
-  batch's padded length, whose attention sums round differently: ~1e-6 in the states.
+  batch's padded length, whose attention sums round differently (float rounding in the states).
 
 When it turns itself off (with the reason, see :meth:`PrefixCacheCallback.records`): the
 embeddings train in the stage, no block is frozen yet, frozen blocks keep dropout on
