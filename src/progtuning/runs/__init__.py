@@ -1,0 +1,1 @@
+"""The experiment runner and the command line: train, plan, sweep, probe, report, bench, models, cli."""
