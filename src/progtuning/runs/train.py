@@ -221,12 +221,33 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     metrics = {split: task.evaluate(trainer, features, split) for split in features.eval}
     if config.save_model and trainer.is_world_process_zero():
         _save(model, tokenizer, config, output_dir)
+    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, telemetry, cache_callback)
+    return _results(prepared, run, metrics)
 
-    steps_per_epoch = callback.steps_per_epoch
+
+@dataclass
+class _Trained:
+    """What a finished training leaves behind for results.json."""
+
+    trainer: Any
+    output: Any  # the Trainer's TrainOutput
+    train_time: float
+    schedule: Schedule
+    layout: Any
+    callback: ProgtuningCallback
+    telemetry: StageTelemetry
+    cache_callback: PrefixCacheCallback
+
+
+def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
+    """The results.json mapping (its keys: :class:`progtuning.runs.results.Results`)."""
+    config, task, schedule, state = prepared.config, prepared.task, run.schedule, run.trainer.state
+    steps_per_epoch = run.callback.steps_per_epoch
     # From the schedule, not from the stage records: a resumed run recorded only its second half,
     # and the stages switch exactly where planned (test_train checks it).
-    lengths = schedule.stage_lengths(steps_per_epoch, trainer.state.global_step)
-    accounting = count_updates(callback.freezer, lengths, epochs=trainer.state.global_step / steps_per_epoch)
+    lengths = schedule.stage_lengths(steps_per_epoch, state.global_step)
+    accounting = count_updates(run.callback.freezer, lengths, epochs=state.global_step / steps_per_epoch)
+    cache = run.cache_callback.cache
     main = task.main_metric
     return {
         "schema": SCHEMA_VERSION,
@@ -238,18 +259,19 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         "model": {
             "name": config.model,
             "path": prepared.model_path,
-            "num_blocks": layout.num_blocks,
+            "num_blocks": run.layout.num_blocks,
             "total_params": accounting.total_params,
             "method_trainable_params": accounting.method_trainable_params,
         },
         "schedule": schedule.to_dict(),
-        "planned_stage_starts": schedule.stage_starts(steps_per_epoch, callback.total_steps),
+        "planned_stage_starts": schedule.stage_starts(steps_per_epoch, run.callback.total_steps),
         "stages": [
-            {**record, "blocks": list(schedule.stages[record["stage"]].blocks)} for record in telemetry.stage_records()
+            {**record, "blocks": list(schedule.stages[record["stage"]].blocks)}
+            for record in run.telemetry.stage_records()
         ],
-        "steps": trainer.state.global_step,
+        "steps": state.global_step,
         "steps_per_epoch": steps_per_epoch,
-        "train_loss": train_output.training_loss,
+        "train_loss": run.output.training_loss,
         "metrics": metrics,
         "main_metric": main,
         "validation_score": metrics.get("validation", {}).get(main),
@@ -260,12 +282,12 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         "reduction_blocks_only": accounting.reduction_blocks_only,
         "accounting": accounting.to_dict(),
         "prefix_cache": {
-            "stages": cache_callback.records,
+            "stages": run.cache_callback.records,
             "hits": cache.hits if cache else 0,
             "misses": cache.misses if cache else 0,
         },
-        "train_time_s": round(train_time, 2),
-        "log_history": trainer.state.log_history,
+        "train_time_s": round(run.train_time, 2),
+        "log_history": state.log_history,
     }
 
 
