@@ -13,7 +13,7 @@ import torch
 import transformers as T
 from torch import nn
 
-from progtuning.methods.adapters import (
+from progtuning.methods.adapter import (
     PROJECTIONS,
     BottleneckAdapter,
     add_adapters,

@@ -6,8 +6,11 @@ import json
 
 import pytest
 
-from progtuning.runs.bench import BenchConfig, flop_units, format_results, main, plan_variants, run_bench
 from progtuning.errors import ProgtuningError
+from progtuning.runs.bench import main, run_bench
+from progtuning.runs.bench_config import BenchConfig
+from progtuning.runs.bench_flops import flop_units, plan_variants
+from progtuning.runs.bench_format import format_results
 
 
 def schedule_flop(config: BenchConfig, name: str) -> float:
@@ -16,7 +19,7 @@ def schedule_flop(config: BenchConfig, name: str) -> float:
     return (sum(variant.flop) + sum(variant.flop_build)) / (config.stages * full)
 
 
-def test_flop_model_reproduces_the_issue_numbers():
+def test_flop_model_reproduces_the_planned_ratios():
     config = BenchConfig(layers=12, stages=4)
     assert schedule_flop(config, "prog-always") == pytest.approx(0.875)
     assert schedule_flop(config, "prog-never") == pytest.approx(0.75)

@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 
 from progtuning.tasks import builtin
-from progtuning.tasks.builtin import (
-    BUILTIN_TASKS,
-    classification_metric,
-    load_builtin,
-    regression_metric,
-    split_indices,
-)
 from progtuning.errors import ProgtuningError
+from progtuning.tasks.builtin import BUILTIN_TASKS, load_builtin, split_indices
+from progtuning.tasks.metrics import classification_metric, regression_metric
 
 # total rows after dropping zero ratings, counted from the real files
 TOTALS = {

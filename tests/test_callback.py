@@ -294,3 +294,17 @@ def test_parity_trainer_callback_vs_plain_loop(tmp_path):
     full = _params(plain_full.model)
     name = "bert.encoder.layer.0.output.dense.weight"
     assert not torch.equal(full[name], got[name])
+
+
+def test_one_resume_check_for_the_callback_and_for_progtuning_train():
+    """The callback (as the Trainer resumes) and check_checkpoint (before anything loads) share one rule."""
+    from progtuning.core.callback import check_resume_entry
+
+    saved = {"schedule": progressive(4, 2).to_dict(), "schedule_fingerprint": progressive(4, 2).fingerprint(),
+             "block_paths": [f"bert.encoder.layer.{i}" for i in range(4)]}
+    check_resume_entry(saved, progressive(4, 2), saved["block_paths"], "checkpoint x")  # the same run: fine
+    check_resume_entry(None, progressive(4, 3), [], "checkpoint x")  # no Progtuning entry: nothing to compare
+    with pytest.raises(ProgtuningError, match=r"^checkpoint x was made with another model \(4 blocks, this one has 3\)"):
+        check_resume_entry(saved, progressive(3, 2), saved["block_paths"][:3], "checkpoint x")
+    with pytest.raises(ProgtuningError, match=r"another schedule \(progressive, 2 stages; this run: progressive, 4\)"):
+        check_resume_entry(saved, progressive(4, 4), saved["block_paths"], "checkpoint x")

@@ -23,8 +23,8 @@ from progtuning.core.blocks import find_blocks
 from progtuning.core.counting import plan_updates
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer
+from progtuning.methods.lora import LORA_TARGETS
 from progtuning.methods.api import (
-    LORA_TARGETS,
     MethodConfig,
     apply_method,
     delta_parameter_names,

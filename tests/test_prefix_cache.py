@@ -14,14 +14,10 @@ from conftest import tiny_model
 from progtuning.core.blocks import find_blocks
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer
-from progtuning.cache.prefix_cache import (
-    INDEX_COLUMN,
-    ExampleIndexCollator,
-    FrozenPrefixCache,
-    PrefixCacheCallback,
-    add_example_index,
-    unsupported_reason,
-)
+from progtuning.cache.callback import PrefixCacheCallback
+from progtuning.cache.data import INDEX_COLUMN, ExampleIndexCollator, add_example_index
+from progtuning.cache.prefix import unsupported_reason
+from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.core.schedule import progressive
 
 PAD = {"roberta": 1, "xlm-roberta": 1}

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from progtuning.errors import ProgtuningError
-from progtuning.runs.report import REPORT_BEGIN, REPORT_END, build_report, load_runs, run_mode, summarize_runs
+from progtuning.runs.report import REPORT_BEGIN, REPORT_END, build_report, load_runs, summarize_runs
+from progtuning.runs.results import mode_of_legacy_run as run_mode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 

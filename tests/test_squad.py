@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 
 from progtuning.errors import ProgtuningError
-from progtuning.tasks.squad import (
-    load_squad,
-    postprocess_predictions,
-    prepare_eval_features,
-    prepare_train_features,
-    squad_metrics,
-)
+from progtuning.tasks.metrics import squad_metrics
+from progtuning.tasks.qa import postprocess_predictions, prepare_eval_features, prepare_train_features
+from progtuning.tasks.squad import load_squad
 
 FIXTURES = Path(__file__).parent / "fixtures" / "squad"
 

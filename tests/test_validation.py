@@ -60,7 +60,7 @@ def _refused(**overrides) -> str:
         ({"label_names": "[a, b]", "num_labels": "3"}, "label_names has 2 names but num_labels is 3"),
         ({"task_type": "regression", "num_labels": "2"}, "label_names and num_labels are for classification"),
         ({"method": "peft"}, "method 'peft' needs --peft-config"),
-        ({"peft_config": "x.json"}, "peft_config is only read by method 'peft'"),
+        ({"peft_config_path": "x.json"}, "peft_config_path is only read by method 'peft'"),
         ({"overwrite": True, "resume": True}, "--resume continues the run in output_dir and --overwrite replaces it"),
         ({"task": "squad", "max_length": "64", "doc_stride": "64"}, "doc_stride (64) must be smaller than max_length"),
         ({"batch_size": "2.5"}, "batch_size expects int, got '2.5'"),
@@ -138,7 +138,7 @@ def test_max_length_beyond_the_position_table_is_refused():
 
 
 def test_constants_agree_with_the_modules_that_own_them():
-    from progtuning.methods.adapters import ADAPTER_TYPES as owned
+    from progtuning.methods.adapter import ADAPTER_TYPES as owned
 
     assert tuple(owned) == ADAPTER_TYPES
     assert "skip_bad_rows" in FIELDS

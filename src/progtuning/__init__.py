@@ -8,51 +8,46 @@ freeze one by one and the higher blocks train longest::
     trainer.train()
 
 or, in a plain PyTorch loop, :class:`ProgressiveFreezer` with a :func:`progressive` schedule.
+
+The package is layered: ``core`` (schedule, blocks, freezing, counting, the Trainer callback, DDP;
+torch + transformers only), ``methods`` (what can train), ``tasks`` (what is trained on, and how it
+is scored), ``cache`` (the frozen-prefix cache) and ``runs`` (the experiment runner and the CLI).
+The names below are imported on first use (PEP 562), so ``import progtuning`` loads none of
+torch, transformers, datasets or matplotlib until one of them is needed.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Public names and the modules that define them. Imported on first use, so that `import progtuning`
-# (and the CLI's argument checks) stay free of torch and transformers.
-_EXPORTS = {
-    "BlockLayout": "progtuning.core.blocks",
-    "find_blocks": "progtuning.core.blocks",
-    "ProgtuningCallback": "progtuning.core.callback",
-    "ProgtuningTrainer": "progtuning.runs.checkpoints",
+__version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
     "Accounting": "progtuning.core.counting",
-    "count_updates": "progtuning.core.counting",
-    "plan_updates": "progtuning.core.counting",
+    "BlockLayout": "progtuning.core.blocks",
     "DistributedFreezer": "progtuning.core.distributed",
-    "ProgtuningError": "progtuning.errors",
+    "MethodConfig": "progtuning.methods.config",
     "ProgressiveFreezer": "progtuning.core.freezing",
-    "release_optimizer_state": "progtuning.core.freezing",
-    "MethodConfig": "progtuning.methods.api",
-    "apply_method": "progtuning.methods.api",
-    "load_method": "progtuning.methods.api",
-    "save_method": "progtuning.methods.api",
+    "ProgtuningCallback": "progtuning.core.callback",
+    "ProgtuningError": "progtuning.errors",
+    "ProgtuningTrainer": "progtuning.runs.checkpoints",
     "Schedule": "progtuning.core.schedule",
     "Stage": "progtuning.core.schedule",
+    "StageTelemetry": "progtuning.core.telemetry",
+    "apply_method": "progtuning.methods.api",
+    "count_updates": "progtuning.core.counting",
     "explicit": "progtuning.core.schedule",
+    "find_blocks": "progtuning.core.blocks",
+    "load_method": "progtuning.methods.api",
     "no_progtuning": "progtuning.core.schedule",
+    "plan_updates": "progtuning.core.counting",
     "progressive": "progtuning.core.schedule",
+    "release_optimizer_state": "progtuning.core.freezing",
+    "save_method": "progtuning.methods.api",
     "split_into_parts": "progtuning.core.schedule",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'progtuning' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
 
 __all__ = [
     "Accounting",
@@ -65,6 +60,7 @@ __all__ = [
     "ProgtuningTrainer",
     "Schedule",
     "Stage",
+    "StageTelemetry",
     "apply_method",
     "count_updates",
     "explicit",
@@ -77,4 +73,30 @@ __all__ = [
     "save_method",
     "split_into_parts",
 ]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'progtuning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from progtuning.core.blocks import BlockLayout, find_blocks
+    from progtuning.core.callback import ProgtuningCallback
+    from progtuning.core.counting import Accounting, count_updates, plan_updates
+    from progtuning.core.distributed import DistributedFreezer
+    from progtuning.core.freezing import ProgressiveFreezer, release_optimizer_state
+    from progtuning.core.schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
+    from progtuning.core.telemetry import StageTelemetry
+    from progtuning.errors import ProgtuningError
+    from progtuning.methods.api import apply_method, load_method, save_method
+    from progtuning.methods.config import MethodConfig
+    from progtuning.runs.checkpoints import ProgtuningTrainer

@@ -35,7 +35,7 @@ How it works
   none. The build pads each example to its row as the dataset holds it, so with rows of one
   length (``padding="max_length"``, SQuAD features) both paths see the same shapes and agree to
   the last bit (tested on MiniLM-L6). With dynamic padding the uncached prefix runs at the
-  batch's padded length, whose attention sums round differently: ~1e-6 in the states.
+  batch's padded length, whose attention sums round differently (float rounding in the states).
 
 When it turns itself off (with the reason, see :meth:`PrefixCacheCallback.records`): the
 embeddings train in the stage, no block is frozen yet, frozen blocks keep dropout on
@@ -52,149 +52,33 @@ Use it with the HF Trainer::
     args = TrainingArguments(..., remove_unused_columns=False)   # keep example_index
     trainer = Trainer(model, args, train_dataset=train, data_collator=ExampleIndexCollator(collator),
                       callbacks=[progtuning, PrefixCacheCallback(progtuning, cache)])  # this order
+
+The pieces: :mod:`~progtuning.cache.data` (the example index), :mod:`~progtuning.cache.prefix`
+(which modules form the prefix), :mod:`~progtuning.cache.store` (RAM or memmap rows), this module
+(building, lookup and the patched forwards) and :mod:`~progtuning.cache.callback` (the Trainer side).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
-from progtuning.core.blocks import EMBEDDINGS, BlockLayout, find_blocks
+from progtuning.cache.data import INDEX_COLUMN, example_lengths, rows_of
+from progtuning.cache.prefix import locate
+from progtuning.cache.store import StateStore
+from progtuning.core.blocks import BlockLayout, find_blocks
 from progtuning.errors import ProgtuningError
 
 logger = logging.getLogger("progtuning")
 
-INDEX_COLUMN = "example_index"
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# Bidirectional encoders whose blocks take (hidden_states, attention_mask, ...) and whose positions
-# are either added in the embeddings (absolute) or recomputed from the shape (MPNet).
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "distilbert")
-_TUPLE_OUTPUT = {"mpnet"}  # blocks that return (hidden_states, ...) instead of a tensor
-# Collators that draw random inputs every epoch: a cached prefix would freeze one draw.
-RANDOM_COLLATORS = (
-    "DataCollatorForLanguageModeling",
-    "DataCollatorForWholeWordMask",
-    "DataCollatorForPermutationLanguageModeling",
-    "DataCollatorForSOP",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# data side
-# ---------------------------------------------------------------------------------------------
-def add_example_index(dataset, column: str = INDEX_COLUMN):
-    """Add the row number as ``column`` (a ``datasets.Dataset``): the key the cache looks up."""
-    if column in dataset.column_names:
-        dataset = dataset.remove_columns(column)
-    return dataset.add_column(column, list(range(len(dataset))))
-
-
-class ExampleIndexCollator:
-    """Wraps a collator so each batch carries its examples' index as a tensor under ``column``.
-
-    Features without the column pass through unchanged (evaluation sets need none).
-    """
-
-    def __init__(self, collator: Callable[[list[dict]], dict] | None = None, column: str = INDEX_COLUMN) -> None:
-        if collator is None:
-            from transformers import default_data_collator
-
-            collator = default_data_collator
-        self.collator = collator
-        self.column = column
-
-    def __call__(self, features: list[dict]) -> dict:
-        if not features or self.column not in features[0]:
-            return self.collator(features)
-        index = [int(f[self.column]) for f in features]
-        batch = self.collator([{k: v for k, v in f.items() if k != self.column} for f in features])
-        batch[self.column] = torch.tensor(index, dtype=torch.long)
-        return batch
-
-
-def input_reason(dataset=None, collator=None) -> str | None:
-    """Why the inputs can't be cached (random per epoch), or ``None`` if they can."""
-    inner = collator
-    while inner is not None:
-        if type(inner).__name__ in RANDOM_COLLATORS:
-            return f"the collator {type(inner).__name__} draws random inputs every epoch (data augmentation)"
-        inner = getattr(inner, "collator", None) or getattr(inner, "data_collator", None)
-    if dataset is not None:
-        fmt = getattr(dataset, "format", None)
-        if isinstance(fmt, dict) and fmt.get("type") == "custom":
-            return "the training set has an on-the-fly transform (set_transform / with_transform), which may be random"
-        if isinstance(dataset, torch.utils.data.IterableDataset) or type(dataset).__name__ == "IterableDataset":
-            return "the training set is an iterable (streamed) dataset: its examples have no stable index"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# model side
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class _Prefix:
-    """The modules the cache drives in one model."""
-
-    root: nn.Module  # BertModel, RobertaModel, ... (the one with .embeddings)
-    model_type: str
-    embeddings: nn.Module
-    project: nn.Module | None  # ELECTRA's embeddings_project (embedding_size != hidden_size)
-    blocks: list[nn.Module]
-    tuple_output: bool
-
-
-def unsupported_reason(model: nn.Module, layout: BlockLayout | None = None) -> str | None:
-    """Why the cache can't drive ``model`` (one line), or ``None`` if it can."""
-    try:
-        _locate(model, layout or find_blocks(model))
-    except ProgtuningError as error:
-        return str(error)
-    return None
-
-
-def _locate(model: nn.Module, layout: BlockLayout) -> _Prefix:
-    stacks = {path.rsplit(".", 1)[0] for path in layout.block_paths}
-    name = type(model).__name__
-    if len(stacks) != 1:
-        raise ProgtuningError(
-            f"the frozen-prefix cache needs one stack of blocks, {name} has {len(stacks)}: run without --cache-frozen"
-        )
-    stack = stacks.pop()
-    root_path = stack.rsplit(".", 2)[0] if stack.count(".") >= 2 else ""
-    root = model.get_submodule(root_path) if root_path else model
-    config = getattr(root, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(root, "embeddings"):
-        raise ProgtuningError(
-            f"the frozen-prefix cache supports BERT-family encoders ({', '.join(SUPPORTED_MODEL_TYPES)}), "
-            f"not {model_type or name}: run without --cache-frozen"
-        )
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise ProgtuningError(
-            f"the frozen-prefix cache needs a bidirectional encoder, but this {model_type} is configured as a decoder: "
-            "run without --cache-frozen"
-        )
-    blocks = [model.get_submodule(path) for path in layout.block_paths]
-    return _Prefix(
-        root=root,
-        model_type=model_type,
-        embeddings=root.embeddings,
-        project=getattr(root, "embeddings_project", None),
-        blocks=blocks,
-        tuple_output=model_type in _TUPLE_OUTPUT,
-    )
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a build batch feeds the model
 
 
 @dataclass
@@ -206,68 +90,6 @@ class _Run:
     hi: int
 
 
-# ---------------------------------------------------------------------------------------------
-# storage
-# ---------------------------------------------------------------------------------------------
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.float64: np.float64}
-
-
-class _Store:
-    """Per-example variable-length rows of width ``hidden`` in one flat array (RAM or memmap)."""
-
-    def __init__(self, lengths: np.ndarray, hidden: int, dtype: torch.dtype, budget_mb: float, folder: str | None, storage: str):
-        if dtype not in _NUMPY_DTYPES:
-            raise ProgtuningError(f"the frozen-prefix cache cannot store {dtype}: use float32, float16 or bfloat16")
-        self.dtype = dtype
-        self.hidden = hidden
-        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.offsets[1:])
-        np_dtype = _NUMPY_DTYPES[dtype]
-        shape = (int(self.offsets[-1]), hidden)
-        self.nbytes = shape[0] * shape[1] * np.dtype(np_dtype).itemsize
-        use_memmap = storage == "memmap" or (storage == "auto" and self.nbytes > budget_mb * 2**20)
-        self.path: str | None = None
-        self._tempdir: str | None = None
-        if use_memmap:
-            if folder is None:
-                folder = self._tempdir = tempfile.mkdtemp(prefix="progtuning-prefix-cache-")
-            os.makedirs(folder, exist_ok=True)
-            self.path = os.path.join(folder, f"prefix-cache-{os.getpid()}-{id(self):x}.bin")
-            self.array = np.memmap(self.path, dtype=np_dtype, mode="w+", shape=shape)
-        else:
-            self.array = np.zeros(shape, dtype=np_dtype)
-        self.kind = "memmap" if use_memmap else "memory"
-        self._finalizer = weakref.finalize(self, _remove_files, self.path, self._tempdir)
-
-    def row(self, i: int) -> torch.Tensor:
-        view = torch.from_numpy(self.array[self.offsets[i] : self.offsets[i + 1]])
-        return view.view(torch.bfloat16) if self.dtype == torch.bfloat16 else view
-
-    def write(self, i: int, states: torch.Tensor) -> None:
-        states = states.detach().to("cpu", self.dtype)
-        if self.dtype == torch.bfloat16:
-            states = states.view(torch.int16)
-        self.array[self.offsets[i] : self.offsets[i + 1]] = states.numpy()
-
-    def flush(self) -> None:
-        if isinstance(self.array, np.memmap):
-            self.array.flush()
-
-    def close(self) -> None:
-        self.array = None
-        self._finalizer()
-
-
-def _remove_files(path: str | None, tempdir: str | None) -> None:
-    if path and os.path.exists(path):
-        os.remove(path)
-    if tempdir:
-        shutil.rmtree(tempdir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# the cache
-# ---------------------------------------------------------------------------------------------
 class FrozenPrefixCache:
     """Hidden states after the frozen prefix (embeddings + blocks 0 … level−1), per training example.
 
@@ -297,7 +119,7 @@ class FrozenPrefixCache:
             raise ProgtuningError(f"unknown cache storage {storage!r}: use auto, memory or memmap")
         self.model = model
         self.layout = layout or find_blocks(model)
-        self.prefix = _locate(model, self.layout)
+        self.prefix = locate(model, self.layout)
         self.dataset = dataset
         self.index_column = index_column
         self.budget_mb = budget_mb
@@ -310,14 +132,14 @@ class FrozenPrefixCache:
         # lengths: the tokens stored per example; widths: the row as the dataset holds it (longer
         # when the dataset is padded already). Builds pad to the widths, as training batches do, so
         # pre-padded data sees the same shapes in both paths and the numbers agree to the last bit.
-        self.lengths, self.widths = _example_lengths(dataset)
+        self.lengths, self.widths = example_lengths(dataset)
         self._check_index(dataset)
         self.level: int | None = None  # states after block level-1 (0: the embeddings' output); None: empty
         self.active_level: int | None = None  # the level training forwards use now; None: cache off
         self.builds: list[dict] = []
         self.hits = 0  # training forwards that used the cache
         self.misses = 0  # training forwards with the cache active but no index in the batch
-        self._store: _Store | None = None
+        self._store: StateStore | None = None
         self._run: _Run | None = None
         self._run_from_hook = False
         self._building = False
@@ -569,7 +391,7 @@ class FrozenPrefixCache:
                     self._run = None
                     out = captured[-1]
                     if self._store is None:
-                        self._store = _Store(
+                        self._store = StateStore(
                             self.lengths, out.shape[-1], self.dtype or out.dtype, self.budget_mb, self.folder, self.storage
                         )
                     for row, i in enumerate(ids):
@@ -593,7 +415,7 @@ class FrozenPrefixCache:
         return [order[i : i + size].tolist() for i in range(0, len(order), size)]
 
     def _collate(self, ids: list[int], device) -> dict[str, torch.Tensor]:
-        rows = _rows(self.dataset, ids)
+        rows = rows_of(self.dataset, ids)
         width = max(int(self.widths[i]) for i in ids)
         batch: dict[str, torch.Tensor] = {}
         for key in MODEL_INPUTS:
@@ -624,172 +446,3 @@ class FrozenPrefixCache:
                     f"the {self.index_column!r} column must be the row number 0..{len(values) - 1}: "
                     "add it with add_example_index(dataset) after the last filter/shuffle"
                 )
-
-
-def _rows(dataset, ids: list[int]) -> dict[str, list]:
-    """Columns of rows ``ids``: one batched read for a ``datasets.Dataset``, else row by row."""
-    if hasattr(dataset, "column_names"):
-        return dataset[ids]
-    rows = [dataset[i] for i in ids]
-    return {key: [row[key] for row in rows] for key in rows[0]}
-
-
-def _example_lengths(dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Per example: the tokens that matter (the attention mask's leading ones if the row is
-    right-padded, else all) and the row's width."""
-    n = len(dataset)
-    lengths = np.zeros(n, dtype=np.int64)
-    widths = np.zeros(n, dtype=np.int64)
-    chunk = 1000
-    for start in range(0, n, chunk):
-        ids = list(range(start, min(n, start + chunk)))
-        rows = _rows(dataset, ids)
-        if "input_ids" not in rows:
-            raise ProgtuningError("the frozen-prefix cache needs a tokenized training set with an input_ids column")
-        masks = rows.get("attention_mask")
-        for r, ids_row in enumerate(rows["input_ids"]):
-            length = len(ids_row)
-            if masks is not None:
-                mask = list(masks[r])
-                ones = int(sum(mask))
-                if mask[:ones] == [1] * ones:  # right-padded (or not padded): trim the padding
-                    length = ones
-            lengths[start + r] = length
-            widths[start + r] = len(ids_row)
-    if n and lengths.min() < 1:
-        raise ProgtuningError("the training set has an example with no tokens: drop empty examples first")
-    return lengths, widths
-
-
-# ---------------------------------------------------------------------------------------------
-# the Trainer side
-# ---------------------------------------------------------------------------------------------
-def _dropout_in(modules: Sequence[nn.Module]) -> bool:
-    for module in modules:
-        for sub in module.modules():
-            if isinstance(sub, nn.Dropout) and sub.p > 0:
-                return True
-            # attention dropout is a float attribute in HF attention modules, not an nn.Dropout
-            p = getattr(sub, "dropout_prob", None) or getattr(sub, "attention_dropout", None)
-            if isinstance(p, float) and p > 0:
-                return True
-    return False
-
-
-class PrefixCacheCallback(TrainerCallback):
-    """Builds, extends and switches the frozen-prefix cache at each stage of a Progtuning run.
-
-    Put it *after* ``progtuning`` in the Trainer's callbacks: the stage must already be applied
-    when it runs. ``records`` has one entry per stage: whether the cache was on, its level, the
-    build time, its storage and size, or the reason it was off. (The freezer keeps frozen
-    embeddings and blocks in eval mode, so a cached run computes what the uncached one does.)
-    """
-
-    def __init__(
-        self,
-        progtuning,
-        cache: FrozenPrefixCache | None = None,
-        *,
-        min_blocks: int = 1,
-        collator=None,
-        close_at_end: bool = True,
-    ) -> None:
-        self.progtuning = progtuning
-        self.cache = cache
-        self.min_blocks = max(0, int(min_blocks))
-        self.close_at_end = close_at_end
-        self.records: list[dict] = []
-        self._static_reason: str | None = input_reason(cache.dataset, collator) if cache is not None else None
-        self._stage: int | None = None
-        self._warned: set[str] = set()
-        self._autocast: torch.dtype | None = None
-
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        freezer = getattr(self.progtuning, "freezer", None)
-        if freezer is None:
-            raise ProgtuningError(
-                "PrefixCacheCallback runs before ProgtuningCallback: list it after the ProgtuningCallback"
-            )
-        if self.cache is None:
-            return
-        if getattr(args, "world_size", 1) > 1:
-            self._static_reason = "several training processes (DDP): each would need its own cache"
-        elif getattr(args, "remove_unused_columns", False) and train_dataloader is not None:
-            # the Trainer drops columns the model's forward does not name, example_index among them
-            self._static_reason = (
-                f"TrainingArguments.remove_unused_columns=True drops the {self.cache.index_column!r} column: "
-                "pass remove_unused_columns=False"
-            )
-        if self._static_reason is None and train_dataloader is not None:
-            self._static_reason = input_reason(None, getattr(train_dataloader, "collate_fn", None))
-        if getattr(args, "bf16", False):
-            self._autocast = torch.bfloat16
-        elif getattr(args, "fp16", False):
-            self._autocast = torch.float16
-        self.cache.attach()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        stage = self.progtuning.freezer.stage_index
-        if stage is None or stage == self._stage:
-            return
-        self._stage = stage
-        self.records.append(self._switch(stage))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.cache is not None:
-            self.cache.deactivate()
-            if self.close_at_end:
-                self.cache.close()
-
-    # -- one stage -----------------------------------------------------------------------------
-    def _switch(self, stage: int) -> dict:
-        cache, freezer = self.cache, self.progtuning.freezer
-        record: dict[str, Any] = {"stage": stage, "cache": False, "level": None}
-        if cache is None:
-            return record
-        groups = freezer.layout.groups
-        names = freezer.stage_names(stage)
-        train_embeddings = any(groups[n] == EMBEDDINGS for n in names)
-        trained_blocks = sorted({groups[n] for n in names if isinstance(groups[n], int)})
-        level = trained_blocks[0] if trained_blocks else freezer.layout.num_blocks
-        # anything in (or below) the stored prefix that trains again makes the stored states stale
-        if cache.level is not None and (train_embeddings or level < cache.level):
-            cache.invalidate()
-        reason, expected = self._reason(stage, train_embeddings, level, freezer)
-        if reason is not None:
-            cache.deactivate()
-            record["reason"] = reason
-            if reason not in self._warned:
-                self._warned.add(reason)
-                # a stage that trains the embeddings or every block is the schedule working as meant
-                log = logger.info if expected else logger.warning
-                log("progtuning: frozen-prefix cache off in stage %d: %s", stage, reason)
-            return record
-        seconds = cache.extend_to(level, autocast=self._autocast)
-        cache.activate(level)
-        record.update(
-            cache=True,
-            level=level,
-            build_s=round(seconds, 4),
-            storage=cache.storage_kind,
-            cache_mb=round(cache.nbytes / 2**20, 1),
-        )
-        logger.info("progtuning: stage %d feeds cached states into block %d (built in %.2fs)", stage, level, seconds)
-        return record
-
-    def _reason(self, stage: int, train_embeddings: bool, level: int, freezer) -> tuple[str | None, bool]:
-        """Why the cache is off in ``stage`` (None: it is on), and whether that is the normal course."""
-        if self._static_reason is not None:
-            return self._static_reason, False
-        if train_embeddings:
-            return (
-                f"the embeddings train in stage {stage}, so the prefix changes every step "
-                "(embeddings first_stage or never let later stages use the cache)",
-                True,
-            )
-        if level < self.min_blocks:
-            return f"no block is frozen in stage {stage}", True
-        prefix = [self.cache.prefix.embeddings, *self.cache.prefix.blocks[:level]]
-        if not freezer.eval_frozen_blocks and _dropout_in(prefix):
-            return "frozen blocks keep their dropout on (eval_frozen_blocks is off), so their output is random", False
-        return None, False

@@ -9,7 +9,10 @@ Drop it into any ``Trainer``::
 * The stage is re-derived from ``state.global_step`` before every optimizer update
   (``on_step_begin`` runs once per update, so gradient accumulation is respected), which also
   makes ``resume_from_checkpoint`` re-apply the right stage.
-* Each log line gets ``progtuning_stage`` and ``trainable_params``.
+* Each log line gets ``progtuning_stage`` and ``trainable_params``; :meth:`ProgtuningCallback.stage_records`
+  says which stage ran over which steps (with its trainable parameters and mean logged loss).
+  What each stage cost in time and memory is measured by
+  :class:`~progtuning.core.telemetry.StageTelemetry`, a separate callback.
 * The schedule, block layout and current stage travel in every checkpoint's
   ``trainer_state.json`` (``stateful_callbacks["progtuning"]``); a resume checks the checkpoint
   was made by the same schedule on the same model.
@@ -22,11 +25,8 @@ checkpoint's arguments and silently replace the user's schedule with the old one
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
-import psutil
-import torch
 from transformers import TrainerCallback
 
 from progtuning.core.blocks import find_blocks
@@ -43,17 +43,13 @@ STATE_KEY = "progtuning"
 
 @dataclass
 class StageRecord:
-    """What happened in one stage of a real run (filled in as training goes)."""
+    """Which steps one stage of a real run covered (filled in as training goes)."""
 
     stage: int
     start_step: int
     end_step: int | None = None
     trainable_params: int = 0
-    start_time: float = field(default_factory=time.perf_counter)
-    wall_time_s: float | None = None
-    losses: list[float] = field(default_factory=list)
-    peak_rss_mb: float = 0.0  # resident memory of this process, sampled after every step
-    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over the stage
+    losses: list[float] = field(default_factory=list)  # the training losses logged in this stage
 
     def to_dict(self) -> dict:
         return {
@@ -61,10 +57,7 @@ class StageRecord:
             "start_step": self.start_step,
             "end_step": self.end_step,
             "trainable_params": self.trainable_params,
-            "wall_time_s": self.wall_time_s,
             "mean_train_loss": sum(self.losses) / len(self.losses) if self.losses else None,
-            "peak_rss_mb": round(self.peak_rss_mb, 1),
-            "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1),
         }
 
 
@@ -98,7 +91,6 @@ class ProgtuningCallback(TrainerCallback):
         self.total_steps = 0
         self.records: list[StageRecord] = []
         self.changes: list[StageChange] = []
-        self._process = psutil.Process()
 
     # -- Trainer events ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -130,17 +122,7 @@ class ProgtuningCallback(TrainerCallback):
             state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
             self._close_record(state.global_step)
             self.records.append(StageRecord(change.stage, state.global_step, trainable_params=change.trainable_params))
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
         self.changes.append(change)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not self.records:
-            return
-        record = self.records[-1]
-        record.peak_rss_mb = max(record.peak_rss_mb, self._process.memory_info().rss / 2**20)
-        if torch.cuda.is_available():
-            record.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.freezer is None or self.freezer.stage_index is None or logs is None:
@@ -170,23 +152,36 @@ class ProgtuningCallback(TrainerCallback):
     def _check_resume(self, args, state) -> None:
         # `state` was loaded from the checkpoint's trainer_state.json, wherever the checkpoint lies.
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
-        if saved is None:
-            return  # a checkpoint from a run without Progtuning: nothing to compare against
-        if saved.get("schedule_fingerprint") != self.schedule.fingerprint():
-            raise ProgtuningError(
-                f"the checkpoint at step {state.global_step} was made with another schedule "
-                f"({saved.get('schedule')}): resume with the same schedule, or start a new run in a new output folder"
-            )
-        if saved.get("block_paths") != list(self.freezer.layout.block_paths):
-            raise ProgtuningError(
-                "the checkpoint was made on a model with other blocks: resume with the same model and method"
-            )
+        check_resume_entry(saved, self.schedule, self.freezer.layout.block_paths,
+                           f"the checkpoint at step {state.global_step}")
 
     def _close_record(self, step: int) -> None:
         if self.records and self.records[-1].end_step is None:
-            record = self.records[-1]
-            record.end_step = step
-            record.wall_time_s = time.perf_counter() - record.start_time
+            self.records[-1].end_step = step
+
+
+def check_resume_entry(saved, schedule: Schedule | None, block_paths, checkpoint: str) -> None:
+    """Refuse, with one line, to resume from a checkpoint made with another model or another schedule.
+
+    ``saved`` is the callback's entry in the checkpoint's ``trainer_state.json`` (``None``: a checkpoint
+    of a run without Progtuning, nothing to compare); ``checkpoint`` names it in the message. Used by the
+    callback as the Trainer resumes and by ``progtuning train --resume`` before anything loads.
+    ``schedule`` / ``block_paths`` of ``None`` skip that comparison.
+    """
+    if not isinstance(saved, dict):
+        return
+    if block_paths is not None and saved.get("block_paths") != list(block_paths):
+        raise ProgtuningError(
+            f"{checkpoint} was made with another model ({len(saved.get('block_paths') or [])} blocks, this "
+            f"one has {len(block_paths)}): resume with the same model and method, or start a new run"
+        )
+    if schedule is not None and saved.get("schedule_fingerprint") != schedule.fingerprint():
+        old = saved.get("schedule") or {}
+        raise ProgtuningError(
+            f"{checkpoint} was made with another schedule ({old.get('name')}, {len(old.get('stages', []))} "
+            f"stages; this run: {schedule.name}, {schedule.num_stages}): resume with the same schedule, or start a "
+            "new run in a new output folder"
+        )
 
 
 def _updates_per_epoch(train_dataloader, args, state) -> int:

@@ -5,17 +5,17 @@ averages: only those that require grad at that moment get a gradient hook. Measu
 processes, gloo, a 4-block BERT, 3 stages; numbers in ``docs/distributed.md``):
 
 * a wrapper built once without ``find_unused_parameters``, then parameters switched *off*: the
-  step of the switch runs without error but is not averaged, so the ranks drift apart (7e-4),
+  step of the switch runs without error but is not averaged, so the ranks drift apart,
   and the next forward raises "Expected to have finished reduction in the prior iteration";
   ``static_graph=True`` behaves the same;
 * parameters that were *off when the wrapper was built*, switched on later (growing schedules):
-  never averaged, silently, with or without ``find_unused_parameters`` (ranks 8e-3 apart);
+  never averaged, silently, with or without ``find_unused_parameters``;
 * a wrapper built while every parameter a stage will train still required grad, with
   ``find_unused_parameters=True``: correct for shrinking, growing and cycling schedules — but
   every step traverses the autograd graph and all-reduces the frozen parameters' (zero) slots too;
 * rebuilding the wrapper whenever the trainable set changes: correct for every schedule, and only
-  the trainable parameters are all-reduced (the last of 4 stages of the paper's schedule sends 26%
-  of what a once-built wrapper sends).
+  the trainable parameters are all-reduced (the later stages send a fraction of what a once-built
+  wrapper sends).
 
 So there are two correct ways, and this module serves both:
 

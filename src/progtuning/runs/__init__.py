@@ -1,1 +1,1 @@
-"""The experiment runner: configs, train, plan, sweep, probe, report, bench, models and the CLI."""
+"""The experiment runner and the command line: train, plan, sweep, probe, report, bench, models, cli."""

@@ -10,8 +10,8 @@
 
 A user's mistake is printed as one line, ``error: ...``, with exit code 2: a bad value or an unknown
 option (with the closest known one), a missing file, an output folder that cannot be used, a
-full disk. ``train`` checks its whole config before it imports torch, so such a line comes within
-about a second.
+full disk, a missing optional package (with the extra that installs it, :data:`EXTRAS`). ``train``
+checks its whole config before it imports torch, so such a line comes within about a second.
 """
 
 from __future__ import annotations
@@ -23,6 +23,21 @@ import shlex
 import sys
 
 from progtuning.errors import ProgtuningError
+from progtuning.methods.registry import METHODS
+
+# Optional packages -> the pyproject extra that installs them (the core needs only torch + transformers).
+EXTRAS = {
+    "peft": "peft",
+    "rich": "cli",
+    "datasets": "train",
+    "pandas": "train",
+    "sklearn": "train",
+    "scipy": "train",
+    "matplotlib": "report",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "gguf": "gguf",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {io_error(error, 'cannot read or write a file')}", file=sys.stderr)
         return 2
     except ProgtuningError as error:
-        exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (checkpoints.TrainingStopped)
+        exit_code = getattr(error, "exit_code", None)  # a clean stop on SIGTERM / Ctrl-C (stops.TrainingStopped)
         if exit_code is not None:
             from progtuning.core.distributed import launcher_rank
 
@@ -61,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(error.message(_resume_command(argv)), file=sys.stderr)
             return exit_code
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in EXTRAS:
+            raise
+        print(f"error: {package} is not installed: pip install 'progtuning[{EXTRAS[package]}]' (or `make setup`)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -128,7 +150,7 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     plan.add_argument("--stages", type=int, help="number of parts/stages T (default: epochs)")
     plan.add_argument("--embeddings", default="always", help="always | first_stage | never")
     plan.add_argument("--unit", default="epoch", help="epoch | fraction")
-    plan.add_argument("--method", default="full", help="full | lora | adapter | bitfit")
+    plan.add_argument("--method", default="full", choices=list(METHODS), help="fine-tuning method (its default settings)")
     plan.add_argument("--num-labels", type=int, default=2)
     plan.add_argument("--blocks", help="dotted path of the block list, for unknown layouts")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -139,11 +161,10 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     models.set_defaults(handler=_models)
 
-    bench = commands.add_parser("bench", help="step time and peak memory: full fine-tuning vs each Progtuning stage")
-    if command == ["bench"]:  # bench's options live beside its torch code: imported only when asked for
-        from progtuning.runs.bench import add_arguments as add_bench_arguments
+    from progtuning.runs.bench_config import add_arguments as add_bench_arguments  # torch-free
 
-        add_bench_arguments(bench)
+    bench = commands.add_parser("bench", help="step time and peak memory: full fine-tuning vs each Progtuning stage")
+    add_bench_arguments(bench)
     bench.set_defaults(handler=_bench)
 
     sweep = commands.add_parser("sweep", help="run a grid of experiments (resumable; see configs/sweep/)")
@@ -208,12 +229,11 @@ def _train(args, rest: list[str]) -> int:
 
     config = load_config(args.config, parse_overrides(rest))
     checked = preflight(config)  # files, output folder, model, resume: still without torch
+    from progtuning.core.distributed import launcher_rank
+    from progtuning.runs.summary import print_run_summary
     from progtuning.runs.train import run
 
     results = run(config, checked)
-    from progtuning.core.distributed import launcher_rank
-    from progtuning.runs.report import print_run_summary
-
     if launcher_rank() == 0:  # several processes (torchrun): one summary
         print_run_summary(results)
     return 0

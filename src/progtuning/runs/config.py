@@ -9,7 +9,8 @@ A YAML config's first line is a comment with the exact command that runs it::
     epochs: 3
 
 Any key can be overridden on the command line (``--epochs 4 --method lora``); booleans take
-``--flag`` / ``--no-flag``. Configs are read with ``yaml.safe_load``: a Python object tag is refused.
+``--flag`` / ``--no-flag``. The method's own keys (``lora_r``, ``adapter_type``, ...) are declared
+once, in :class:`~progtuning.methods.config.MethodSettings`, and inherited here. Configs are read with ``yaml.safe_load``: a Python object tag is refused.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from typing import Any, Optional
 
 import yaml
 
+from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
 from progtuning.errors import ProgtuningError
+from progtuning.methods.config import METHOD_HELP, MethodConfig, MethodSettings
+from progtuning.methods.registry import METHODS
 
-METHODS = ("full", "lora", "adapter", "bitfit", "peft")  # peft: any peft method from --peft-config
+# Keys that were renamed: old -> new (an old config gets a one-line hint instead of "unknown key").
+RENAMED_KEYS = {"peft_config": "peft_config_path"}
 
 
 def _help(text: str, default: Any = None, **kwargs) -> Any:
@@ -34,7 +39,9 @@ def _help(text: str, default: Any = None, **kwargs) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class _WhatToTrain:
+    """The first keys of a TrainConfig (split off so that the method settings follow ``method``)."""
+
     # -- what to train on --
     task: str = _help("task: a built-in task (rotten-tomatoes, trec6, ...), a GLUE task (sst2, mnli, ...), "
                       "squad / squad_v2, or 'files' with train_file", "rotten-tomatoes")
@@ -55,22 +62,22 @@ class TrainConfig:
     max_eval_examples: Optional[int] = _help("subsample validation and test to this many examples")
     max_length: int = _help("maximum tokens per example (SQuAD: window length)", 128)
     doc_stride: int = _help("SQuAD: overlap between windows of a long context", 128)
-    # -- the fine-tuning method --
-    method: str = _help("full | lora | adapter | bitfit | peft (with peft_config)", "full")
-    lora_r: int = _help("LoRA rank", 8)
-    lora_alpha: int = _help("LoRA alpha", 16)
-    lora_dropout: float = _help("LoRA dropout", 0.1)
-    lora_target_modules: Optional[list] = _help("LoRA target modules (default: the attention query/value of the architecture)")
-    peft_config: Optional[str] = _help("path to a peft config JSON: any other peft method")
-    adapter_type: str = _help("bottleneck adapter: houlsby (two per block) or pfeiffer (one)", "houlsby")
-    adapter_reduction_factor: int = _help("bottleneck size = hidden / this", 16)
-    adapter_train_layernorm: Optional[bool] = _help("train the blocks' LayerNorms with adapters (default: houlsby yes, pfeiffer no)")
+    # -- the fine-tuning method (its settings: MethodSettings, next in the field order) --
+    method: str = _help(METHOD_HELP, "full")
+
+
+@dataclass
+class TrainConfig(MethodSettings, _WhatToTrain):
+    """One experiment: task, model, method (with every MethodSettings key), Progtuning, optimisation, output."""
+
     # -- Progtuning --
     progtuning: bool = _help("progressive freezing on (off = the baseline run with everything else equal)", True)
     stages: Optional[int] = _help("number of parts/stages T (default: epochs)")
     embeddings: str = _help("embeddings train: always | first_stage | never", "always")
     stage_unit: str = _help("stage boundaries per epoch or per fraction of optimizer steps", "epoch")
     stage_blocks: Optional[list] = _help("explicit stages: a list of block-index lists (growing, top-down, custom)")
+    variant: Optional[str] = _help("name of this schedule variant (a sweep sets it): results.json records the "
+                                   "run's mode as prog-<variant>")
     blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
     eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
     cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
@@ -100,6 +107,13 @@ class TrainConfig:
         from progtuning.runs.validation import validate_values
 
         validate_values(self)
+        self.method_config()  # the method's own checks (lora_r, adapter_type, peft_config_path, ...)
+        if self.variant is not None and not self.variant.replace("-", "").replace("_", "").isalnum():
+            raise ProgtuningError(f"variant {self.variant!r} must be letters, digits, - or _: it names the run's mode")
+
+    def method_config(self) -> MethodConfig:
+        """The method and its settings, as :func:`~progtuning.methods.api.apply_method` takes them."""
+        return MethodConfig.from_settings(self.method, self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,6 +129,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         values.update(read_yaml(path))
     values.update(overrides or {})
+    renamed = sorted(k for k in values if k in RENAMED_KEYS)
+    if renamed:
+        raise ProgtuningError(f"config key {renamed[0]} is now called {RENAMED_KEYS[renamed[0]]}: rename it")
     unknown = sorted(set(values) - set(FIELDS), key=str)
     if unknown:
         raise ProgtuningError(unknown_keys_message([str(k) for k in unknown], path))
@@ -158,6 +175,7 @@ def coerce(key: str, value: Any) -> Any:
     hint = _TYPES[key]
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    base = typing.get_origin(base) or base  # list[str] -> list
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None

@@ -24,8 +24,9 @@ HISTORY_KEY = "progtuning_history"
 class RunHistory(TrainerCallback):
     """Keep the stage records in every checkpoint; put it after the callbacks that ask for saves."""
 
-    def __init__(self, progtuning) -> None:
+    def __init__(self, progtuning, telemetry) -> None:
         self.progtuning = progtuning  # the ProgtuningCallback whose records this extends
+        self.telemetry = telemetry  # the StageTelemetry that measured each stage's time and memory
         self.previous: list[dict] = []
         self.resumed_from: int | None = None
 
@@ -49,12 +50,16 @@ class RunHistory(TrainerCallback):
     def stages(self, step: int | None = None) -> list[dict]:
         """Stage records of the whole run (before and after any resume), each with its logged ``losses``."""
         now = time.perf_counter()
+        costs = {(cost.stage, cost.start_step): cost for cost in self.telemetry.costs}
         current = []
         for record in self.progtuning.records:
-            entry = {**record.to_dict(), "losses": list(record.losses)}
+            cost = costs.get((record.stage, record.start_step))
+            entry = {**record.to_dict(), "losses": list(record.losses),
+                     "wall_time_s": None, "peak_rss_mb": 0.0, "peak_gpu_mb": None, **(cost.to_dict() if cost else {})}
             if record.end_step is None:  # the open stage, as of now
                 entry["end_step"] = step
-                entry["wall_time_s"] = now - record.start_time
+                if cost is not None and cost.wall_time_s is None:
+                    entry["wall_time_s"] = now - cost.start_time
             current.append(entry)
         merged = [dict(r) for r in self.previous]
         for entry in current:

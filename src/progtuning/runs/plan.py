@@ -30,15 +30,13 @@ def build_plan(
     task_type: str = "seq_cls",
 ) -> dict:
     """The plan as one JSON-ready dict (see ``progtuning plan --json``)."""
-    from progtuning.runs.config import TrainConfig
-    from progtuning.methods.api import apply_method
-    from progtuning.runs.train import method_config
+    from progtuning.methods.api import MethodConfig, apply_method
 
     config = _load_config(model)
     config.num_labels = num_labels
     with torch.device("meta"):
         net = _model_from_config(config, task_type)
-        net = apply_method(net, method_config(TrainConfig(method=method)), task_type=task_type)
+        net = apply_method(net, MethodConfig(name=method), task_type=task_type)
     layout = find_blocks(net, blocks=blocks)
     if stage_blocks:
         schedule = explicit(layout.num_blocks, stage_blocks, embeddings, unit)

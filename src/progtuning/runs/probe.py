@@ -27,12 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from progtuning.runs.config import TrainConfig, load_config
 from progtuning.errors import ProgtuningError
+from progtuning.runs.config import TrainConfig, load_config
+from progtuning.runs.results import PROBE_FILE, PROBE_PLOT, RESULTS_FILE
 from progtuning.runs.sweep import RunSpec, Runner, Sweep, run_sweep, subprocess_runner
-
-PROBE_FILE = "probe.json"
-PLOT_FILE = "probe.png"
 
 
 def num_blocks_of(config: TrainConfig) -> int:
@@ -95,7 +93,9 @@ def run_probe(
     summary = summarize_probe(specs, config, num_blocks)
     summary["failed"] = failed
     (out_dir / PROBE_FILE).write_text(json.dumps(summary, indent=2))
-    summary["plot"] = str(plot_probe(summary, out_dir / PLOT_FILE))
+    from progtuning.runs.report_plots import plot_probe
+
+    summary["plot"] = str(plot_probe(summary, out_dir / PROBE_PLOT))
     echo(render_probe(summary))
     return summary
 
@@ -104,7 +104,7 @@ def summarize_probe(specs: Sequence[RunSpec], config: TrainConfig, num_blocks: i
     """Collect the finished runs' scores: per block (and the full reference), over seeds."""
     groups: dict[str, list[dict]] = {}
     for spec in specs:
-        path = spec.run_dir / "results.json"
+        path = spec.run_dir / RESULTS_FILE
         if path.is_file():
             groups.setdefault(spec.name.split("/")[0], []).append(json.loads(path.read_text()))
     metric = next((r["main_metric"] for rs in groups.values() for r in rs), None)
@@ -188,46 +188,3 @@ def _cell(entry: dict) -> str:
 
 def _f(value) -> str:
     return "—" if value is None else f"{value:.4f}"
-
-
-def plot_probe(summary: dict, path: str | Path) -> Path:
-    """Bars: median validation score per block (whiskers min–max, dots per seed); line: all blocks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    rows = summary["blocks"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    xs = [r["block"] for r in rows]
-    med = [r["validation_median"] if r["validation_median"] is not None else float("nan") for r in rows]
-    low = [m - r["validation_min"] if r["validation_min"] is not None else 0 for m, r in zip(med, rows)]
-    high = [r["validation_max"] - m if r["validation_max"] is not None else 0 for m, r in zip(med, rows)]
-    ax.bar(xs, med, 0.6, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.7, label="embeddings + this block + head")
-    for r in rows:
-        ax.scatter([r["block"]] * len(r["validation"]), r["validation"], color="black", s=10, zorder=3)
-    values = [v for r in rows for v in r["validation"]]
-    full = summary.get("full")
-    if full and full["validation_median"] is not None:
-        ax.axhline(full["validation_median"], color="tab:red", linestyle="--", label="all blocks (full fine-tuning)")
-        values += full["validation"]
-    if values:
-        lo, hi = min(values), max(values)
-        pad = max(hi - lo, 0.01)
-        ax.set_ylim(lo - pad, hi + pad * 0.6)
-    ax.set_xticks(xs)
-    ax.set_xlabel("trained block (0 = bottom)")
-    ax.set_ylabel(f"{summary['metric'] or 'score'} (validation)")
-    budget = summary["budget"]
-    ax.set_title(
-        f"{summary['task']} · {summary['model']} · {summary['method']}: "
-        f"{budget['max_train_examples'] or 'all'} train ex., {budget['epochs']:g} epochs",
-        fontsize=9,
-    )
-    ax.grid(axis="y", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=2, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -23,7 +23,8 @@ Each combination becomes ``OUTPUT_DIR/[<model>/]<task>/<method>/<base|prog>[-<va
 with the settings ``base`` < ``models[model]`` < ``tasks[task]`` < ``methods[method]`` < the grid
 values < the variant. Variants apply to the Progtuning runs only (a baseline has no schedule), so
 they may set schedule keys only (:data:`VARIANT_KEYS`); every variant is compared with the same
-baseline. Every combination is checked with :func:`progtuning.runs.config.load_config` before anything
+baseline. A variant run's config carries ``variant: <name>``, so its results.json records the
+mode ``prog-<name>`` (reports read it from there, not from the folder name). Every combination is checked with :func:`progtuning.runs.config.load_config` before anything
 runs, so a typo fails the sweep at once, not after an hour.
 
 Runs go in order seed → model → task → method → base, prog, variants: a sweep stopped early
@@ -59,16 +60,15 @@ from typing import Any
 
 import yaml
 
-from progtuning.runs.config import FIELDS, load_config, read_yaml
 from progtuning.errors import ProgtuningError
-
-RESULTS_FILE = "results.json"
-SWEEP_DIR = "_sweep"
+from progtuning.runs.config import FIELDS, load_config, read_yaml
+from progtuning.runs.results import CONFIG_FILE, LOG_FILE, RESULTS_FILE, SWEEP_DIR
 SWEEP_KEYS = ("output_dir", "parallel", "base", "grid", "variants", "models", "tasks", "methods")
 GRID_KEYS = ("model", "task", "method", "progtuning", "seed")
 VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen")
-# The sweep owns these: every run writes into its own folder and replaces a crashed attempt.
-FORCED_KEYS = ("output_dir", "overwrite", "resume")
+# The sweep owns these: every run writes into its own folder, replaces a crashed attempt and is
+# labelled by its variant.
+FORCED_KEYS = ("output_dir", "overwrite", "resume", "variant")
 
 
 @dataclass
@@ -177,7 +177,10 @@ def expand_sweep(data: dict) -> Sweep:
                 modes.append(("base", {"progtuning": False}))
             else:
                 modes.append(("prog", {"progtuning": True}))
-                modes.extend((f"prog-{name}", {"progtuning": True, **variant}) for name, variant in variants.items())
+                modes.extend(
+                    (f"prog-{name}", {"progtuning": True, **variant, "variant": str(name)})  # its mode in results.json
+                    for name, variant in variants.items()
+                )
         for mode, mode_values in modes:
             config: dict[str, Any] = dict(base)
             config.update(overrides["models"].get(str(model), {}))
@@ -272,7 +275,7 @@ def _stop_live_runs() -> None:
 def write_run_config(spec: RunSpec, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The copy kept as RUN_DIR/config.yaml re-runs this one run in place.
-    rerun = spec.run_dir / "config.yaml"
+    rerun = spec.run_dir / CONFIG_FILE
     text = f"# progtuning train {rerun}\n# sweep run {spec.name}\n" + yaml.safe_dump(spec.config, sort_keys=False)
     path.write_text(text)
 
@@ -389,9 +392,9 @@ def _keep_with_run(spec: RunSpec, log_path: Path) -> None:
     with contextlib.suppress(OSError):
         config_path = log_path.with_suffix(".yaml")
         if config_path.is_file():
-            shutil.copyfile(config_path, spec.run_dir / "config.yaml")
+            shutil.copyfile(config_path, spec.run_dir / CONFIG_FILE)
         if log_path.is_file():
-            shutil.copyfile(log_path, spec.run_dir / "train.log")
+            shutil.copyfile(log_path, spec.run_dir / LOG_FILE)
 
 
 def _progress_line(done: int, total: int, outcome: RunOutcome, elapsed: float, eta: float) -> str:

@@ -13,59 +13,49 @@ This is the only module that knows the datasets and the Trainer together. ``run(
 3. evaluates the validation split(s), and the test split once at the very end (model selection
    never looks at test), saves model and tokenizer, and writes ``OUTPUT_DIR/results.json``.
 
-SQuAD runs the same loop with a question-answering head; its predictions are post-processed
-outside the Trainer (:mod:`progtuning.tasks.squad`).
+Everything that depends on the kind of task (its head, its tokenization, its collator, its
+scores) comes from the :class:`~progtuning.tasks.base.Task` the source returns: SQuAD runs the
+same loop as SST-2.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import platform
 import resource
+import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from transformers import TrainerCallback
 
 from progtuning.core.callback import ProgtuningCallback
-from progtuning.cache.prefix_cache import (
-    ExampleIndexCollator,
-    FrozenPrefixCache,
-    PrefixCacheCallback,
-    add_example_index,
-    input_reason,
-    unsupported_reason,
-)
+from progtuning.core.telemetry import StageTelemetry
+from progtuning.cache.callback import PrefixCacheCallback
+from progtuning.cache.data import ExampleIndexCollator, add_example_index, input_reason
+from progtuning.cache.prefix import unsupported_reason
+from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.runs.config import TrainConfig
 from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
 from progtuning.errors import ProgtuningError, warn
-from progtuning.runs.validation import Checked
 from progtuning.core.schedule import Schedule, explicit, no_progtuning, progressive
+from progtuning.runs.results import (
+    CHECKPOINTS_DIR,
+    MODEL_DIR,
+    PREFIX_CACHE_DIR,
+    RESULTS_FILE,
+    SCHEMA_VERSION,
+    run_mode,
+    write_json_atomic,
+)
+from progtuning.tasks.base import Task
 
 logger = logging.getLogger("progtuning")
-
-RESULTS_FILE = "results.json"
-CHECKPOINTS = "checkpoints"
-
-
-@dataclass(frozen=True)
-class QATask:
-    """SQuAD described the way results.json and the tables need it."""
-
-    name: str
-    version: str
-    main_metric: str = "f1"
-    num_labels: None = None
 
 
 @dataclass
@@ -73,19 +63,18 @@ class Prepared:
     """Everything a run needs, built and checked before anything is written."""
 
     config: TrainConfig
-    task: Any  # TextTask, or the SQuAD description
+    task: Task
     data: Any  # DatasetDict of raw examples
     tokenizer: Any
     model: torch.nn.Module
     model_path: str
-    is_qa: bool
     notes: list[str] = field(default_factory=list)  # one-line warnings, shown and kept in results.json
 
 
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
-def run(config: TrainConfig, checked: Checked | None = None) -> dict:
+def run(config: TrainConfig, checked=None) -> dict:
     """Train one experiment and return (and write) its results.
 
     ``checked`` is :func:`~progtuning.runs.validation.preflight`'s answer when the caller (the CLI)
@@ -132,9 +121,9 @@ def _io_hint(error: OSError, output_dir: Path) -> str | None:
     """How to go on after an I/O fault: resume from the last checkpoint if there is one."""
     import errno
 
-    from progtuning.runs.checkpoints import last_checkpoint
+    from progtuning.runs.checkpoint_files import last_checkpoint
 
-    last = last_checkpoint(output_dir / CHECKPOINTS)
+    last = last_checkpoint(output_dir / CHECKPOINTS_DIR)
     if last is None:
         return None
     fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
@@ -147,36 +136,22 @@ def prepare(config: TrainConfig) -> Prepared:
 
     from progtuning.runs.models import remote_code_note, resolve_model
     from progtuning.runs.validation import check_max_length
-    from progtuning.tasks.registry import is_squad
+    from progtuning.tasks.registry import load_task
 
-    is_qa = is_squad(config.task)
-    if is_qa:
-        from progtuning.tasks.squad import load_squad
-
-        from progtuning.tasks.registry import SQUAD_TASKS, subsample
-
-        version = SQUAD_TASKS[config.task.lower()]
-        task = QATask(name=f"squad-v{version}", version=version)
-        data = load_squad(version, config.data_dir)
-        data = subsample(data, config.max_train_examples, config.max_eval_examples, config.seed)
-    else:
-        from progtuning.tasks.registry import load_text_task
-
-        task, data = load_text_task(config)
-        check_text_data(task, data)
+    task, data = load_task(config)
     notes = _data_notes(task)
     model_path = resolve_model(config.model)
     tokenizer = _load_tokenizer(model_path, config)
     set_seed(config.seed)  # the new head's initialisation
-    model = _load_model(model_path, config, task, is_qa, tokenizer)
+    model = _load_model(model_path, config, task, tokenizer)
     check_max_length(config.max_length, model.config.to_dict(), config.model)  # known for every model only now
     note = remote_code_note(config.model, model.config.to_dict(), config.trust_remote_code)
     if note:
         notes.append(note)
     for note in notes:
         warn(note)
-    model = _apply_method(model, config, is_qa)
-    return Prepared(config, task, data, tokenizer, model, model_path, is_qa, notes)
+    model = _apply_method(model, config, task)
+    return Prepared(config, task, data, tokenizer, model, model_path, notes)
 
 
 def _data_notes(task) -> list[str]:
@@ -185,33 +160,6 @@ def _data_notes(task) -> list[str]:
         return []
     counts = ", ".join(f"{n} in the {split} file" for split, n in skipped.items() if n)
     return [f"skipped {sum(skipped.values())} row(s) with an empty text or label ({counts}; --skip-bad-rows)"]
-
-
-# --------------------------------------------------------------------------------------------
-# checks
-# --------------------------------------------------------------------------------------------
-def check_text_data(task, data) -> None:
-    """Columns present, splits non-empty, labels in range — one line per problem."""
-    for split in ("train", *task.eval_splits):
-        if split not in data:
-            raise ProgtuningError(f"task {task.name} has no {split!r} split (found: {', '.join(data)}); provide one")
-    for split, dataset in data.items():
-        if len(dataset) == 0:
-            raise ProgtuningError(f"the {split} split of {task.name} is empty: check the file or the subsampling")
-        needed = [*task.text_columns, task.label_column]
-        missing = [c for c in needed if c not in dataset.column_names]
-        if missing:
-            raise ProgtuningError(
-                f"{split} split of {task.name} lacks column(s) {', '.join(missing)} "
-                f"(has: {', '.join(dataset.column_names)}): set text_column / label_column"
-            )
-        if not task.is_regression:
-            labels = np.asarray(dataset[task.label_column])
-            bad = labels[(labels < 0) | (labels >= task.num_labels)]
-            if bad.size:
-                raise ProgtuningError(
-                    f"{split} split of {task.name} has label {bad[0]} outside 0..{task.num_labels - 1}: fix the labels"
-                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,25 +178,13 @@ def _load_tokenizer(model_path: str, config: TrainConfig):
     return tokenizer
 
 
-def _load_model(model_path: str, config: TrainConfig, task, is_qa: bool, tokenizer):
+def _load_model(model_path: str, config: TrainConfig, task: Task, tokenizer):
     import pickle
-
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from progtuning.runs.models import describe_load_error
 
-    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     try:
-        if is_qa:
-            model = AutoModelForQuestionAnswering.from_pretrained(model_path, **kwargs)
-        else:
-            kwargs["num_labels"] = task.num_labels
-            if task.is_regression:
-                kwargs["problem_type"] = "regression"
-            if task.label_names:
-                kwargs["id2label"] = dict(enumerate(task.label_names))
-                kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        model = task.load_model(model_path, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
         unsafe = describe_load_error(config.model, error)  # a pickle with code: never advise weights_only=False
         if unsafe is None and isinstance(error, RuntimeError):
@@ -267,26 +203,10 @@ def _model_error(name: str, error: Exception) -> str:
     )
 
 
-def _apply_method(model, config: TrainConfig, is_qa: bool):
+def _apply_method(model, config: TrainConfig, task: Task):
     from progtuning.methods.api import apply_method
 
-    return apply_method(model, method_config(config), task_type="qa" if is_qa else "seq_cls")
-
-
-def method_config(config: TrainConfig):
-    from progtuning.methods.api import MethodConfig
-
-    return MethodConfig(
-        name=config.method,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        lora_target_modules=config.lora_target_modules,
-        peft_config_path=config.peft_config,
-        adapter_type=config.adapter_type,
-        adapter_reduction_factor=config.adapter_reduction_factor,
-        adapter_train_layernorm=config.adapter_train_layernorm,
-    )
+    return apply_method(model, config.method_config(), task_type=task.task_type)
 
 
 def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
@@ -304,146 +224,100 @@ def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
 # training
 # --------------------------------------------------------------------------------------------
 def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None, record: dict | None = None) -> dict:
-    from transformers import DataCollatorWithPadding, TrainingArguments, default_data_collator
-
-    from progtuning.runs.checkpoints import (
-        ProgtuningTrainer,
-        StopOnNonFiniteLoss,
-        StopOnSignal,
-        TrainingStopped,
-        check_checkpoint,
-        clean_partial_checkpoints,
-        last_checkpoint,
-    )
-
     from progtuning.core.blocks import find_blocks
-    from progtuning.runs.history import RunHistory, whole_run_loss
-    from progtuning.runs.integrity import select_checkpoint
+    from progtuning.runs.checkpoints import ProgtuningTrainer
+    from progtuning.runs.history import RunHistory
 
-    config, model, tokenizer = prepared.config, prepared.model, prepared.tokenizer
+    config, task, model, tokenizer = prepared.config, prepared.task, prepared.model, prepared.tokenizer
     layout = find_blocks(model, blocks=config.blocks)
     schedule = build_schedule(config, layout.num_blocks)
     callback = ProgtuningCallback(schedule, blocks=config.blocks, eval_frozen_blocks=config.eval_frozen_blocks)
+    telemetry = StageTelemetry(callback)  # after the Progtuning callback: the stage is set
+    history = RunHistory(callback, telemetry)
 
-    if prepared.is_qa:
-        train_set, eval_sets, eval_features = tokenize_qa(prepared.data, tokenizer, config)
-        collator = default_data_collator
-        compute_metrics = None
-    else:
-        train_set, eval_sets = tokenize_text(prepared.task, prepared.data, tokenizer, config.max_length)
-        collator = DataCollatorWithPadding(tokenizer)
-        compute_metrics = _metric_adapter(prepared.task)
+    features = task.preprocess(prepared.data, tokenizer, config)
+    train_set, collator = features.train, task.collator(tokenizer)
     cache = _prefix_cache(config, model, layout, train_set, collator, output_dir)
     if cache is not None:
         train_set, collator = cache.dataset, ExampleIndexCollator(collator)
     cache_callback = PrefixCacheCallback(callback, cache)  # after the Progtuning callback: the stage is set
 
-    use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(output_dir / CHECKPOINTS),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        data_seed=config.seed,
-        eval_strategy="epoch" if "validation" in eval_sets and not prepared.is_qa else "no",
-        save_strategy="epoch" if config.save_checkpoints else "no",
-        save_total_limit=2,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        report_to=[],
-        use_cpu=use_cpu,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        remove_unused_columns=cache is None,  # the cache looks examples up by their index column
-        # Several processes: the wrapper is built before stage 0 is applied, so DDP registers every parameter
-        # and skips the frozen ones each step (measured correct for shrinking and growing schedules; see
-        # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
-        ddp_find_unused_parameters=True,
-    )
-    stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
-    curve = ValidationCurve(prepared.task.main_metric if not prepared.is_qa else None)
-    history = RunHistory(callback)
+    evaluate_each_epoch = task.evaluates_each_epoch and "validation" in features.eval
     trainer = ProgtuningTrainer(
         model=model,
-        args=args,
+        args=_training_arguments(config, output_dir, evaluate_each_epoch, keep_all_columns=cache is not None),
         train_dataset=train_set,
-        eval_dataset=eval_sets.get("validation") if args.eval_strategy != "no" else None,
+        eval_dataset=features.eval["validation"] if evaluate_each_epoch else None,
         data_collator=collator,
         processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        callbacks=[callback, cache_callback, stop, nan_guard, curve, history],  # history last: it sees every save
+        compute_metrics=task.trainer_metrics(),
+        callbacks=[callback, telemetry, cache_callback, history],  # history last: it sees every save
         seal=_sealer(record),
     )
     train_started = time.perf_counter()
-    resume = None
-    if config.resume:
-        if launcher_rank() == 0:
-            clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
-        # The newest intact checkpoint, its config checked against this run's (preflight).
-        resume = resume_from or str(select_checkpoint(output_dir / CHECKPOINTS))
-        check_checkpoint(resume, model, schedule, list(layout.block_paths))  # one line, before anything loads
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume)
-    finally:  # also when training raised: give the signal handlers back, drop the loss hook
-        stop.restore()
-        nan_guard.close()
+    train_output = _fit(trainer, callback, config, output_dir, schedule, layout, resume_from)
     train_time = time.perf_counter() - train_started
-    if stop.stopped_at is not None:
-        raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
-                              last_checkpoint(output_dir / CHECKPOINTS))
 
-    outputs: dict = {}
-    if prepared.is_qa:
-        metrics = {
-            split: evaluate_qa(trainer, prepared.data[split], eval_sets[split], eval_features[split], prepared.task)
-            for split in eval_sets
-        }
-    else:
-        metrics, outputs = {}, {}
-        for split, dataset in eval_sets.items():
-            prediction = trainer.predict(dataset, metric_key_prefix=split)
-            metrics[split] = _strip_prefix(prediction.metrics, split)
-            outputs[split] = per_example_outputs(prediction)
+    metrics = {split: task.evaluate(trainer, features, split) for split in features.eval}
     if config.save_model and trainer.is_world_process_zero():
-        _save(trainer, model, tokenizer, config, output_dir)
+        _save(model, tokenizer, config, output_dir)
+    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, history, cache_callback)
+    return _results(prepared, run, metrics)
 
-    steps_per_epoch = callback.steps_per_epoch
+
+@dataclass
+class _Trained:
+    """What a finished training leaves behind for results.json."""
+
+    trainer: Any
+    output: Any  # the Trainer's TrainOutput
+    train_time: float
+    schedule: Schedule
+    layout: Any
+    callback: ProgtuningCallback
+    history: Any  # RunHistory: the whole run's stages, also after a resume
+    cache_callback: PrefixCacheCallback
+
+
+def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
+    """The results.json mapping (its keys: :class:`progtuning.runs.results.Results`)."""
+    from progtuning.runs.history import whole_run_loss
+
+    config, task, schedule, state = prepared.config, prepared.task, run.schedule, run.trainer.state
+    steps_per_epoch = run.callback.steps_per_epoch
     # From the schedule, not from the stage records: a resumed run recorded only its second half,
     # and the stages switch exactly where planned (test_train checks it).
-    lengths = schedule.stage_lengths(steps_per_epoch, trainer.state.global_step)
-    accounting = count_updates(callback.freezer, lengths, epochs=trainer.state.global_step / steps_per_epoch)
-    main = prepared.task.main_metric
+    lengths = schedule.stage_lengths(steps_per_epoch, state.global_step)
+    accounting = count_updates(run.callback.freezer, lengths, epochs=state.global_step / steps_per_epoch)
+    cache = run.cache_callback.cache
+    main = task.main_metric
     return {
+        "schema": SCHEMA_VERSION,
+        "mode": run_mode(config.to_dict()),
         "config": config.to_dict(),
         "versions": library_versions(),
         "seed": config.seed,
-        "task": _task_summary(prepared),
+        "task": {**task.summary(prepared.data),
+                 "skipped_rows": (getattr(task, "extra", None) or {}).get("skipped_rows") or {}},
         "model": {
             "name": config.model,
             "path": prepared.model_path,
-            "num_blocks": layout.num_blocks,
+            "num_blocks": run.layout.num_blocks,
             "total_params": accounting.total_params,
             "method_trainable_params": accounting.method_trainable_params,
         },
         "schedule": schedule.to_dict(),
-        "planned_stage_starts": schedule.stage_starts(steps_per_epoch, callback.total_steps),
+        "planned_stage_starts": schedule.stage_starts(steps_per_epoch, run.callback.total_steps),
         # The whole run's stages and loss, also after a resume (history.py).
         "stages": [
             {**{k: v for k, v in stage.items() if k != "losses"}, "blocks": list(schedule.stages[stage["stage"]].blocks)}
-            for stage in history.stages(trainer.state.global_step)
+            for stage in run.history.stages(state.global_step)
         ],
-        "resumed_from_step": history.resumed_from,
-        "steps": trainer.state.global_step,
+        "resumed_from_step": run.history.resumed_from,
+        "steps": state.global_step,
         "steps_per_epoch": steps_per_epoch,
-        "train_loss": whole_run_loss(trainer.state.log_history, history.resumed_from, train_output.training_loss,
-                                     trainer.state.global_step),
+        "train_loss": whole_run_loss(state.log_history, run.history.resumed_from, run.output.training_loss,
+                                     state.global_step),
         "metrics": metrics,
         "main_metric": main,
         "validation_score": metrics.get("validation", {}).get(main),
@@ -454,16 +328,12 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
         "reduction_blocks_only": accounting.reduction_blocks_only,
         "accounting": accounting.to_dict(),
         "prefix_cache": {
-            "stages": cache_callback.records,
+            "stages": run.cache_callback.records,
             "hits": cache.hits if cache else 0,
             "misses": cache.misses if cache else 0,
         },
-        "train_time_s": round(train_time, 2),
-        # What paired statistics need: each example's output (bootstrap over examples), and the
-        # validation score after each epoch against training time so far (time to reach a score).
-        "per_example": outputs if not prepared.is_qa else {},
-        "validation_curve": curve.points,
-        "log_history": trainer.state.log_history,
+        "train_time_s": round(run.train_time, 2),
+        "log_history": state.log_history,
         "warnings": prepared.notes,
     }
 
@@ -479,6 +349,68 @@ def _sealer(record: dict | None):
         write_checksums(folder)
 
     return seal
+
+
+def _training_arguments(config: TrainConfig, output_dir: Path, evaluate_each_epoch: bool, keep_all_columns: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir / CHECKPOINTS_DIR),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="epoch" if evaluate_each_epoch else "no",
+        save_strategy="epoch" if config.save_checkpoints else "no",
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        remove_unused_columns=not keep_all_columns,  # the prefix cache looks examples up by their index column
+        # Several processes: the wrapper is built before stage 0 is applied, so DDP registers every parameter
+        # and skips the frozen ones each step (measured correct for shrinking and growing schedules; see
+        # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
+        ddp_find_unused_parameters=True,
+    )
+
+
+def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir: Path, schedule, layout,
+         resume_from: str | None = None):
+    """``trainer.train()``, resumed if asked, stopped cleanly on SIGTERM/Ctrl-C or a non-finite loss."""
+    from progtuning.runs.checkpoint_files import clean_partial_checkpoints, last_checkpoint
+    from progtuning.runs.integrity import select_checkpoint
+    from progtuning.runs.resume_checks import check_checkpoint
+    from progtuning.runs.stops import StopOnNonFiniteLoss, StopOnSignal, TrainingStopped
+
+    stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
+    trainer.add_callback(stop)
+    trainer.add_callback(nan_guard)
+    resume = None
+    if config.resume:
+        if launcher_rank() == 0:
+            clean_partial_checkpoints(output_dir / CHECKPOINTS_DIR)  # what a killed run left half-written
+        # The newest intact checkpoint, its config checked against this run's (preflight).
+        resume = resume_from or str(select_checkpoint(output_dir / CHECKPOINTS_DIR))
+        check_checkpoint(resume, trainer.model, schedule, list(layout.block_paths))  # one line, before anything loads
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:  # also when training raised: give the signal handlers back, drop the loss hook
+        stop.restore()
+        nan_guard.close()
+    if stop.stopped_at is not None:
+        raise TrainingStopped(stop.signal_name, stop.received, stop.stopped_at, callback.freezer.stage_index,
+                              last_checkpoint(output_dir / CHECKPOINTS_DIR))
+    return output
 
 
 def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, output_dir: Path):
@@ -498,141 +430,22 @@ def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, outpu
         add_example_index(train_set),
         layout=layout,
         budget_mb=config.cache_budget_mb,
-        folder=str(output_dir / "prefix_cache"),
+        folder=str(output_dir / PREFIX_CACHE_DIR),
         build_batch_size=config.eval_batch_size,
     )
 
 
-def tokenize_text(task, data, tokenizer, max_length: int):
-    """Tokenized train split and evaluation splits (validation first, test last)."""
-
-    text_columns, label_column = task.text_columns, task.label_column
-
-    def encode(batch):
-        texts = [batch[column] for column in text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        encoded["labels"] = batch[label_column]
-        return encoded
-
-    def tokenized(dataset):
-        return dataset.map(
-            encode,
-            batched=True,
-            remove_columns=dataset.column_names,
-            desc="tokenizing",
-            new_fingerprint=_fingerprint(dataset, tokenizer, max_length),
-        )
-
-    eval_splits = [s for s in (*task.eval_splits, "test") if s in data]
-    return tokenized(data["train"]), {split: tokenized(data[split]) for split in eval_splits}
-
-
-def tokenize_qa(data, tokenizer, config: TrainConfig):
-    """SQuAD windows: train features with answer positions; eval features plus what post-processing needs."""
-    from progtuning.tasks.squad import prepare_eval_features, prepare_train_features
-
-    window = dict(tokenizer=tokenizer, max_length=config.max_length, doc_stride=config.doc_stride)
-    train = data["train"].map(
-        lambda batch: prepare_train_features(batch, **window),
-        batched=True,
-        remove_columns=data["train"].column_names,
-        desc="windows (train)",
-        new_fingerprint=_fingerprint(data["train"], tokenizer, config.max_length, config.doc_stride, "train"),
-    )
-    eval_sets, eval_features = {}, {}
-    for split in [s for s in data if s != "train"]:
-        features = data[split].map(
-            lambda batch: prepare_eval_features(batch, **window),
-            batched=True,
-            remove_columns=data[split].column_names,
-            desc=f"windows ({split})",
-            new_fingerprint=_fingerprint(data[split], tokenizer, config.max_length, config.doc_stride, "eval"),
-        )
-        eval_features[split] = features
-        # The model sees only its inputs; example ids and offsets stay behind for post-processing.
-        eval_sets[split] = features.remove_columns(["example_id", "offset_mapping"])
-    return train, eval_sets, eval_features
-
-
-def evaluate_qa(trainer, examples, model_inputs, features, task: QATask) -> dict:
-    """Predict start/end logits, turn them into answer strings, and score them (EM/F1)."""
-    from progtuning.tasks.squad import postprocess_predictions, squad_metrics
-
-    output = trainer.predict(model_inputs)
-    start_logits, end_logits = output.predictions[:2]
-    version_2 = task.version == "2.0"
-    answers = postprocess_predictions(examples, features, start_logits, end_logits, version_2=version_2)
-    return squad_metrics(answers, examples, version_2=version_2)
-
-
-def _fingerprint(dataset, tokenizer, max_length: int, *extra) -> str:
-    # Without it, datasets hashes `encode` by pickling its closure with dill, which walks the
-    # tokenizer and every global it reaches: minutes on a small CPU for a one-second map.
-    import hashlib
-
-    key = repr((dataset._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length, *extra))
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def per_example_outputs(prediction) -> dict:
-    """Labels and model outputs of one evaluated split, rounded for a compact results.json."""
-    outputs = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    outputs = np.asarray(outputs, dtype=np.float64)
-    if outputs.ndim == 2 and outputs.shape[1] == 1:
-        outputs = outputs[:, 0]
-    return {"labels": np.asarray(prediction.label_ids).tolist(), "outputs": np.round(outputs, 5).tolist()}
-
-
-class ValidationCurve(TrainerCallback):
-    """Validation score after each evaluation, against the training time spent so far (evaluation excluded)."""
-
-    def __init__(self, metric: str | None):
-        self.metric, self.points = metric, []
-        self._started = self._eval_time = self._eval_started = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._started, self._eval_time = time.perf_counter(), 0.0
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._eval_started = time.perf_counter()
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.metric is None or not metrics or f"eval_{self.metric}" not in metrics:
-            return
-        now = time.perf_counter()
-        train_time = (self._eval_started or now) - self._started - self._eval_time
-        self._eval_time += now - (self._eval_started or now)
-        self.points.append({"epoch": state.epoch, "step": state.global_step,
-                            "train_time_s": round(train_time, 3), "score": metrics[f"eval_{self.metric}"]})
-
-
-def _metric_adapter(task):
-    def compute(prediction):
-        predictions = prediction.predictions
-        if isinstance(predictions, tuple):
-            predictions = predictions[0]
-        return task.metric(np.asarray(predictions), np.asarray(prediction.label_ids))
-
-    return compute
-
-
-def _strip_prefix(metrics: dict, prefix: str) -> dict:
-    return {key[len(prefix) + 1 :] if key.startswith(prefix + "_") else key: value for key, value in metrics.items()}
-
-
-def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
+def _save(model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
+    """What the method trained, with progtuning_method.json, so load_method rebuilds it (any method)."""
     from progtuning.methods.api import save_method
 
     # Written beside its place and renamed into it: a full disk never leaves half a model (or a resumed
     # run's older model replaced by half of a new one).
-    final, staging, old = output_dir / "model", output_dir / ".partial-model", output_dir / ".deleting-model"
+    final, staging, old = output_dir / MODEL_DIR, output_dir / f".partial-{MODEL_DIR}", output_dir / f".deleting-{MODEL_DIR}"
     for leftover in (staging, old):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
-        if config.method == "full":
-            trainer.save_model(str(staging))
-        else:
-            save_method(model, method_config(config), str(staging))
+        save_method(model, config.method_config(), staging)
         tokenizer.save_pretrained(str(staging))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -643,46 +456,9 @@ def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _task_summary(prepared: Prepared) -> dict:
-    task = prepared.task
-    return {
-        "name": task.name,
-        "main_metric": task.main_metric,
-        "num_labels": getattr(task, "num_labels", None),
-        "sizes": {split: len(dataset) for split, dataset in prepared.data.items()},
-        "skipped_rows": (getattr(task, "extra", None) or {}).get("skipped_rows") or {},
-    }
-
-
 # --------------------------------------------------------------------------------------------
-# files
+# versions
 # --------------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; a results file is for everyone to read
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind
-        raise
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
 def library_versions() -> dict:
     import accelerate
     import datasets

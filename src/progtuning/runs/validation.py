@@ -97,11 +97,11 @@ def validate_values(config: Any) -> None:
     _fraction("warmup_ratio", config.warmup_ratio, "the fraction of all steps spent warming up")
     _fraction("lora_dropout", config.lora_dropout, "a dropout probability")
 
-    if config.method == "peft" and not config.peft_config:
-        raise ProgtuningError("method 'peft' needs --peft-config PATH (a peft config JSON)")
-    if config.peft_config and config.method != "peft":
-        raise ProgtuningError(f"peft_config is only read by method 'peft', not {config.method!r}: "
-                              "pass --method peft or drop --peft-config")
+    if config.method == "peft" and not config.peft_config_path:
+        raise ProgtuningError("method 'peft' needs --peft-config-path PATH (a peft config JSON)")
+    if config.peft_config_path and config.method != "peft":
+        raise ProgtuningError(f"peft_config_path is only read by method 'peft', not {config.method!r}: "
+                              "pass --method peft or drop --peft-config-path")
     if config.task_type == "regression" and (config.label_names is not None or config.num_labels is not None):
         raise ProgtuningError("label_names and num_labels are for classification: drop them, "
                               "or set --task-type classification")
@@ -110,7 +110,7 @@ def validate_values(config: Any) -> None:
     _check_stage_blocks(config.stage_blocks)
     if config.resume and config.overwrite:
         raise ProgtuningError("--resume continues the run in output_dir and --overwrite replaces it: pass only one")
-    from progtuning.tasks.registry import is_squad
+    from progtuning.tasks.squad import is_squad
 
     if is_squad(config.task) and config.doc_stride >= config.max_length:
         raise ProgtuningError(f"doc_stride ({config.doc_stride}) must be smaller than max_length "
@@ -199,7 +199,7 @@ def preflight(config: Any) -> Checked:
 
 def check_input_paths(config: Any) -> None:
     """Data files and folders exist and are of the right kind (a folder given as a file is named as such)."""
-    for option in ("train_file", "validation_file", "test_file", "peft_config"):
+    for option in ("train_file", "validation_file", "test_file", "peft_config_path"):
         value = getattr(config, option)
         if value is not None:
             check_file(value, f"--{option.replace('_', '-')}")

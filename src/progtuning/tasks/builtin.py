@@ -1,8 +1,8 @@
 """The built-in offline text tasks: read from installed PyPI packages, split the same way every time.
 
 This module owns the task names in :data:`BUILTIN_TASKS`, the readers for their source files, the
-fixed train/validation/test splits, the optional subsampling and the metric functions (which
-:mod:`progtuning.tasks.textfiles` reuses). Nothing is downloaded: the files ship inside the packages
+fixed train/validation/test splits and the optional subsampling; metrics come from
+:mod:`progtuning.tasks.metrics`. Nothing is downloaded: the files ship inside the packages
 listed in ``requirements-offline.txt`` and are located with :func:`importlib.util.find_spec`.
 
 Sources (package → file):
@@ -55,19 +55,19 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from progtuning.errors import ProgtuningError
-from progtuning.tasks.registry import MetricFn, TextTask
+from progtuning.tasks.classification import ClassificationTask
+from progtuning.tasks.metrics import classification_metric, regression_metric
+from progtuning.tasks.regression import RegressionTask
+from progtuning.tasks.text import TextTask
 
 SPLIT_SEED = 0
 SPLITS = ("train", "validation", "test")
@@ -81,51 +81,6 @@ _PACKAGES = {
 _VADER_DIR = "data/hutto_ICWSM_2014"
 _TREC_TRAIN_LINES = 5452
 _TREC_LABELS = ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics
-
-
-def _class_ids(predictions: np.ndarray) -> np.ndarray:
-    predictions = np.asarray(predictions)
-    # logits (n, num_labels) are the normal case; 1-D input is taken as class ids already
-    return predictions.argmax(axis=-1) if predictions.ndim == 2 else predictions.astype(int)
-
-
-def classification_metric(num_labels: int, f1_name: str = "f1") -> MetricFn:
-    """Accuracy plus F1 of class 1 (binary, reported as ``f1_name``) or macro F1 (multi-class)."""
-
-    def metric(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        preds = _class_ids(predictions)
-        labels = np.asarray(labels).astype(int)
-        result = {"accuracy": float(accuracy_score(labels, preds))}
-        if num_labels == 2:
-            result[f1_name] = float(f1_score(labels, preds, pos_label=1, zero_division=0))
-        else:
-            result["macro_f1"] = float(
-                f1_score(labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0)
-            )
-        return result
-
-    return metric
-
-
-def regression_metric(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Pearson and Spearman correlation (as for STS-B), plus mean squared error."""
-    preds = np.asarray(predictions, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-    with warnings.catch_warnings():
-        # a constant prediction (e.g. a fresh head) has no correlation; scipy warns and gives nan
-        warnings.simplefilter("ignore")
-        pearson = float(pearsonr(preds, labels)[0]) if len(preds) > 1 else float("nan")
-        spearman = float(spearmanr(preds, labels)[0]) if len(preds) > 1 else float("nan")
-    # nan would poison "best checkpoint" comparisons; no correlation is scored as 0
-    return {
-        "pearson": 0.0 if np.isnan(pearson) else pearson,
-        "spearman": 0.0 if np.isnan(spearman) else spearman,
-        "mse": float(np.mean((preds - labels) ** 2)),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +219,7 @@ def split_indices(strata: Sequence[int]) -> dict[str, np.ndarray]:
     return {"train": train, "validation": validation, "test": test}
 
 
-def subsample(index: np.ndarray, strata: np.ndarray | None, n: int | None, seed: int) -> np.ndarray:
+def stratified_sample(index: np.ndarray, strata: np.ndarray | None, n: int | None, seed: int) -> np.ndarray:
     """At most ``n`` of ``index``, stratified by ``strata[index]`` where possible, chosen by ``seed``."""
     if n is None or n >= len(index):
         return index
@@ -289,21 +244,19 @@ def builtin_task(name: str) -> TextTask:
         raise ProgtuningError(f"unknown task '{name}': use one of {', '.join(BUILTIN_TASKS)}")
     spec = _TASKS[name]
     label_names = spec.label_names() if callable(spec.label_names) else spec.label_names
-    if label_names is None:
-        num_labels, metric = 1, regression_metric
-    else:
-        num_labels, metric = len(label_names), classification_metric(len(label_names))
-    return TextTask(
+    common = dict(
         name=name,
         text_columns=("text",),
-        num_labels=num_labels,
-        metric=metric,
         main_metric=spec.main_metric,
-        label_names=label_names,
         # scored during training; test is scored once, after training (progtuning.runs.train)
         eval_splits=("validation",),
         description=spec.description,
         extra={"split_seed": SPLIT_SEED, "splits": "80/10/10 stratified"},
+    )
+    if label_names is None:
+        return RegressionTask(metric=regression_metric, **common)
+    return ClassificationTask(
+        metric=classification_metric(len(label_names)), num_labels=len(label_names), label_names=label_names, **common
     )
 
 
@@ -333,9 +286,9 @@ def load_builtin(
 
     index = split_indices(strata)
     strata = np.asarray(strata)
-    index["train"] = subsample(index["train"], strata, max_train_examples, seed)
+    index["train"] = stratified_sample(index["train"], strata, max_train_examples, seed)
     for split in ("validation", "test"):
-        index[split] = subsample(index[split], strata, max_eval_examples, SPLIT_SEED)
+        index[split] = stratified_sample(index[split], strata, max_eval_examples, SPLIT_SEED)
     # plain per-split tables (no index mapping over one big table): faster to map and iterate
     parts = {
         split: datasets.Dataset.from_dict(

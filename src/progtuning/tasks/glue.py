@@ -1,6 +1,7 @@
 """The nine GLUE tasks: their columns, labels and official metrics, and loading their data.
 
-:func:`glue_task` describes a task as a :class:`~progtuning.tasks.registry.TextTask`; :func:`load_glue`
+:func:`glue_task` describes a task as a :class:`~progtuning.tasks.classification.ClassificationTask`
+(STS-B: :class:`~progtuning.tasks.regression.RegressionTask`); :func:`load_glue`
 returns that task with its data as a ``datasets.DatasetDict`` shaped like the Hub's ``glue``
 dataset (HF column names, ``label`` ids, ``idx``), read either from the Hub or offline from GLUE's
 own distributed TSV files (or HF's parquet/JSON exports of them).
@@ -19,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
 from progtuning.errors import ProgtuningError
-from progtuning.tasks.registry import MetricFn, TextTask
+from progtuning.tasks.classification import ClassificationTask
+from progtuning.tasks.metrics import MetricFn, accuracy, f1_and_accuracy, matthews, pearson_and_spearmanr
+from progtuning.tasks.regression import RegressionTask
+from progtuning.tasks.text import TextTask
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -32,45 +32,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["GLUE_TASKS", "glue_task", "is_glue_task", "load_glue"]
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def _class_ids(predictions: np.ndarray) -> np.ndarray:
-    predictions = np.asarray(predictions)
-    # logits (n, num_labels) -> ids; already-decoded ids (n,) pass through
-    return predictions.argmax(axis=-1) if predictions.ndim == 2 else predictions.astype(int)
-
-
-def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {"accuracy": float(accuracy_score(labels, _class_ids(predictions)))}
-
-
-def _f1_accuracy(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    ids = _class_ids(predictions)
-    # binary F1 of the positive class (paraphrase / duplicate), as GLUE reports it
-    return {
-        "f1": float(f1_score(labels, ids, zero_division=0.0)),
-        "accuracy": float(accuracy_score(labels, ids)),
-    }
-
-
-def _matthews(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {"matthews_correlation": float(matthews_corrcoef(labels, _class_ids(predictions)))}
-
-
-def _pearson_spearman(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    scores = np.asarray(predictions, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-    if np.ptp(scores) == 0 or np.ptp(labels) == 0:
-        # a correlation is undefined for a constant input (e.g. an untrained regressor); report 0
-        # like sklearn's Matthews does, so model selection never compares against NaN
-        return {"pearson": 0.0, "spearmanr": 0.0}
-    return {
-        "pearson": float(pearsonr(scores, labels)[0]),
-        "spearmanr": float(spearmanr(scores, labels)[0]),
-    }
 
 
 # ----------------------------------------------------------------------------- the table
@@ -97,21 +58,21 @@ GLUE_TASKS: dict[str, _GlueSpec] = {
     spec.name: spec
     for spec in [
         _GlueSpec(
-            "cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), _matthews,
+            "cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), matthews,
             "matthews_correlation",
             tsv_columns={"sentence": 3}, tsv_label=1,
             tsv_files={"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)},
             description="CoLA: is the sentence grammatical? Matthews correlation.",
         ),
         _GlueSpec(
-            "sst2", "SST-2", ("sentence",), ("negative", "positive"), _accuracy, "accuracy",
+            "sst2", "SST-2", ("sentence",), ("negative", "positive"), accuracy, "accuracy",
             tsv_columns={"sentence": "sentence"}, tsv_label="label",
             tsv_files={"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)},
             description="SST-2: movie review sentence sentiment. Accuracy.",
         ),
         _GlueSpec(
             "mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
-            _f1_accuracy, "f1",
+            f1_and_accuracy, "f1",
             tsv_columns={"sentence1": "#1 String", "sentence2": "#2 String"}, tsv_label="Quality",
             tsv_files={
                 "train": ("train.tsv",),
@@ -123,21 +84,21 @@ GLUE_TASKS: dict[str, _GlueSpec] = {
         ),
         _GlueSpec(
             "qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"),
-            _f1_accuracy, "f1",
+            f1_and_accuracy, "f1",
             tsv_columns={"question1": "question1", "question2": "question2"},
             tsv_label="is_duplicate",
             tsv_files={"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)},
             description="QQP: are the two Quora questions duplicates? F1 (main) and accuracy.",
         ),
         _GlueSpec(
-            "stsb", "STS-B", ("sentence1", "sentence2"), None, _pearson_spearman, "pearson",
+            "stsb", "STS-B", ("sentence1", "sentence2"), None, pearson_and_spearmanr, "pearson",
             tsv_columns={"sentence1": "sentence1", "sentence2": "sentence2"}, tsv_label="score",
             tsv_files={"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)},
             description="STS-B: similarity score 0-5 (regression). Pearson (main) and Spearman.",
         ),
         _GlueSpec(
             "mnli", "MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-            _accuracy, "accuracy",
+            accuracy, "accuracy",
             tsv_columns={"premise": "sentence1", "hypothesis": "sentence2"},
             tsv_label="gold_label",
             tsv_files={
@@ -151,13 +112,13 @@ GLUE_TASKS: dict[str, _GlueSpec] = {
             "(validation) and mismatched (validation_mismatched).",
         ),
         _GlueSpec(
-            "qnli", "QNLI", ("question", "sentence"), _NLI, _accuracy, "accuracy",
+            "qnli", "QNLI", ("question", "sentence"), _NLI, accuracy, "accuracy",
             tsv_columns={"question": "question", "sentence": "sentence"}, tsv_label="label",
             tsv_files={"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)},
             description="QNLI: does the sentence answer the question? Accuracy.",
         ),
         _GlueSpec(
-            "rte", "RTE", ("sentence1", "sentence2"), _NLI, _accuracy, "accuracy",
+            "rte", "RTE", ("sentence1", "sentence2"), _NLI, accuracy, "accuracy",
             tsv_columns={"sentence1": "sentence1", "sentence2": "sentence2"}, tsv_label="label",
             tsv_files={"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)},
             description="RTE: does sentence1 entail sentence2? Accuracy.",
@@ -165,7 +126,7 @@ GLUE_TASKS: dict[str, _GlueSpec] = {
         _GlueSpec(
             # WNLI's files say 1 for entailment, hence the reversed order of names
             "wnli", "WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"),
-            _accuracy, "accuracy",
+            accuracy, "accuracy",
             tsv_columns={"sentence1": "sentence1", "sentence2": "sentence2"}, tsv_label="label",
             tsv_files={"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)},
             description="WNLI: does the sentence with the pronoun replaced follow? Accuracy.",
@@ -193,17 +154,18 @@ def is_glue_task(name: str) -> bool:
 def glue_task(name: str) -> TextTask:
     """The :class:`TextTask` of a GLUE task (``"cola"``, ``"SST-2"``, ``"mnli"``, ...)."""
     spec = _spec(name)
-    return TextTask(
+    common = dict(
         name=spec.name,
         text_columns=spec.text_columns,
-        num_labels=len(spec.label_names) if spec.label_names else 1,
         metric=spec.metric,
         main_metric=spec.main_metric,
-        label_names=spec.label_names,
         eval_splits=("validation", "validation_mismatched") if spec.name == "mnli" else ("validation",),
         description=spec.description,
         extra={"benchmark": "glue"},
     )
+    if spec.label_names is None:
+        return RegressionTask(**common)
+    return ClassificationTask(num_labels=len(spec.label_names), label_names=spec.label_names, **common)
 
 
 # ----------------------------------------------------------------------------- loading

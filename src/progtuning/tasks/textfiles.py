@@ -1,7 +1,7 @@
 """A user's own text task from CSV, TSV or JSONL files: reading, label mapping and checks.
 
 This module owns :func:`load_text_files`, which turns one to three files (train, and optionally
-validation and test) into a :class:`~progtuning.tasks.registry.TextTask` and a ``datasets.DatasetDict``.
+validation and test) into a :class:`~progtuning.tasks.text.TextTask` and a ``datasets.DatasetDict``.
 
 Formats, by file extension:
 
@@ -46,9 +46,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from progtuning.tasks.builtin import classification_metric, regression_metric
 from progtuning.errors import ProgtuningError
-from progtuning.tasks.registry import TextTask
+from progtuning.tasks.classification import ClassificationTask
+from progtuning.tasks.metrics import classification_metric, regression_metric
+from progtuning.tasks.regression import RegressionTask
+from progtuning.tasks.text import TextTask
 
 VALIDATION_FRACTION = 0.1
 SPLIT_SEED = 0
@@ -380,15 +382,16 @@ def load_text_files(
     data = datasets.DatasetDict(
         {s: datasets.Dataset.from_dict({**texts[s], "label": labels[s]}, features=features) for s in splits}
     )
-    task = TextTask(
+    common = dict(
         name=name or Path(train).stem,
         text_columns=text_columns,
-        num_labels=count,
-        metric=regression_metric if regression else classification_metric(count),
-        main_metric="pearson" if regression else "accuracy",
-        label_names=names,
         eval_splits=tuple(s for s in splits if s != "train"),
         description=f"text files: {', '.join(f'{s}={p}' for s, p in paths.items())}",
         extra={"files": {s: str(p) for s, p in paths.items()}, "task_type": task_type, "skipped_rows": skipped},
+    )
+    if regression:
+        return RegressionTask(metric=regression_metric, main_metric="pearson", **common), data
+    task = ClassificationTask(
+        metric=classification_metric(count), main_metric="accuracy", num_labels=count, label_names=names, **common
     )
     return task, data

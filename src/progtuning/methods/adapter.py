@@ -1,4 +1,9 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021), attached inside each block.
+"""The adapter method: bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) inside each block.
+
+The method (:data:`METHOD`, at the end) trains the adapters, the head and, when
+``adapter_train_layernorm`` (default: yes for Houlsby, as in the Houlsby paper; no for
+Pfeiffer), the block LayerNorms; it saves them as ``adapters.safetensors``. Adapters are
+non-linear, so they cannot be merged into the base weights.
 
 peft has no bottleneck adapters, and AdapterHub's ``adapters`` package (1.3.0) pins
 ``transformers ~= 4.57.6``, so it cannot be used with transformers 5: this file is the small
@@ -41,10 +46,10 @@ from torch import nn
 
 from progtuning.core.blocks import find_blocks
 from progtuning.errors import ProgtuningError
+from progtuning.methods.base import DeltaMethod, head_parameter_names
+from progtuning.methods.config import ACTIVATIONS, ADAPTER_TYPES
 
 AdapterType = Literal["houlsby", "pfeiffer"]
-ADAPTER_TYPES: tuple[str, ...] = ("houlsby", "pfeiffer")
-ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
 
 # model_type -> (attention output projection, feed-forward output projection), relative to a block.
 # A negative index counts from the end of a ModuleList (T5: the feed-forward is the last sub-layer,
@@ -108,7 +113,7 @@ def add_adapters(
     """Attach bottleneck adapters inside every block of ``model``; returns the adapters' module names.
 
     The adapters are created on the device and in the dtype of the projection they follow. Nothing
-    is frozen here: :func:`progtuning.methods.api.apply_method` decides what trains.
+    is frozen here: the method (:data:`METHOD`) decides what trains.
     """
     if adapter_type not in ADAPTER_TYPES:
         raise ProgtuningError(f"unknown adapter type {adapter_type!r}: use one of {', '.join(ADAPTER_TYPES)}")
@@ -205,3 +210,43 @@ def _out_features(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
     return module.weight.shape[1]  # Conv1D stores (in, out)
+
+
+# -- the method ----------------------------------------------------------------------------------
+class Adapters(DeltaMethod):
+    name = "adapter"
+    weights_file = "adapters.safetensors"
+    mergeable = False
+
+    def prepare(self, model, config) -> None:
+        add_adapters(model, config.adapter_type, config.adapter_reduction_factor, config.adapter_activation)
+
+    def delta_names(self, model, config) -> set[str]:
+        """Adapters, head and (if trained) block norms, read from the model's structure, not from
+        ``requires_grad``, so it holds whatever stage is applied."""
+        adapters = adapter_parameter_names(model)
+        if not adapters:
+            raise ProgtuningError("the model has no adapters: apply the adapter method (apply_method) first")
+        names = head_parameter_names(model) | set(adapters)
+        if config.train_layernorm:
+            names |= _block_norm_parameter_names(model, find_blocks(model).block_paths)
+        return names
+
+
+def _block_norm_parameter_names(model: nn.Module, block_paths: tuple[str, ...]) -> set[str]:
+    names = set()
+    for path in block_paths:
+        for module_name, module in model.get_submodule(path).named_modules():
+            if _is_norm(module):
+                prefix = f"{path}.{module_name}" if module_name else path
+                names |= {f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False)}
+    return names
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # nn.LayerNorm, DeBERTa's / T5's LayerNorm, Llama's and Qwen2's RMSNorm.
+    kind = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or kind.endswith(("LayerNorm", "RMSNorm"))
+
+
+METHOD = Adapters()

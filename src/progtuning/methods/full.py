@@ -1,0 +1,26 @@
+"""Full fine-tuning: every parameter trains; the whole model is saved (``model.safetensors``)."""
+
+from __future__ import annotations
+
+from progtuning.methods.base import Method, saved_model_class
+
+
+class FullFineTuning(Method):
+    name = "full"
+
+    def apply(self, model, config, task_type):
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+
+    def save(self, model, config, out):
+        model.save_pretrained(out)
+
+    def load(self, base, out, config, merge):
+        from torch import nn
+
+        cls = type(base) if isinstance(base, nn.Module) else saved_model_class(out)
+        return cls.from_pretrained(out)
+
+
+METHOD = FullFineTuning()

@@ -1,0 +1,174 @@
+"""What a run leaves on disk: the file names of a run folder and the schema of ``results.json``.
+
+Every module that writes or reads a run folder (train, sweep, probe, report) takes the names from
+here. A run folder (``OUTPUT_DIR``) holds::
+
+    results.json      the run's results (written last, atomically: a folder with it is finished)
+    model/            what the method trained + progtuning_method.json + the tokenizer
+    checkpoints/      checkpoint-N/ folders (``--resume`` continues from the newest)
+    prefix_cache/     the frozen-prefix cache's memory-mapped states (``--cache-frozen``)
+    config.yaml       a sweep or probe run: the resolved config that re-runs it
+    train.log         a sweep or probe run: its output
+
+``results.json`` is one :class:`Results` mapping. Its ``mode`` says what the run compares: the
+method, whether Progtuning was on, the schedule and, in a sweep, the variant name, with a
+``label`` (``base``, ``prog``, ``prog-<variant>``) that reports group by. Results written before
+``mode`` existed get it from :func:`mode_of_legacy_run` when read (:func:`read_results`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, TypedDict
+
+RESULTS_FILE = "results.json"
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+PREFIX_CACHE_DIR = "prefix_cache"
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "train.log"
+# a probe folder (progtuning probe) and a sweep folder's own state
+PROBE_FILE = "probe.json"
+PROBE_PLOT = "probe.png"
+SWEEP_DIR = "_sweep"
+
+SCHEMA_VERSION = 2  # 2: "mode" and "schema" added; 1 (no "schema" key): the first layout
+
+
+class Mode(TypedDict):
+    """What a run is, for grouping and comparing runs."""
+
+    label: str  # "base", "prog", or "prog-<variant>"
+    method: str  # full, lora, adapter, bitfit, peft
+    progtuning: bool  # False: the baseline (one all-trainable stage, measured the same way)
+    schedule: str  # "none" (baseline), "progressive" (the paper's preset) or "explicit" (stage_blocks)
+    embeddings: str  # the embedding policy (always, first_stage, never)
+    variant: str | None  # a sweep's variant name (a named schedule change), else None
+
+
+class Results(TypedDict, total=False):
+    """The keys of ``results.json`` (``progtuning train`` writes all of them)."""
+
+    schema: int  # SCHEMA_VERSION
+    mode: Mode
+    config: dict  # the resolved TrainConfig
+    versions: dict  # library versions
+    seed: int
+    task: dict  # Task.summary(): name, kind, main_metric, num_labels, sizes per split
+    model: dict  # name, path, num_blocks, total_params, method_trainable_params
+    schedule: dict  # Schedule.to_dict()
+    planned_stage_starts: list  # optimizer step at which each stage starts
+    stages: list  # per stage as it ran: steps, trainable params, blocks, loss, time, memory
+    steps: int
+    steps_per_epoch: int
+    train_loss: float
+    metrics: dict  # split -> {metric: value}
+    main_metric: str
+    validation_score: float | None  # main_metric on validation
+    test_score: float | None  # main_metric on test (scored once, never used to select)
+    updated_params: int  # parameter-epochs with Progtuning
+    baseline_updated_params: int  # ... without it
+    reduction: float
+    reduction_blocks_only: float
+    accounting: dict  # Accounting.to_dict()
+    prefix_cache: dict  # per-stage cache records, hits, misses
+    train_time_s: float  # the Trainer's loop, per-epoch validation included
+    wall_time_s: float  # the whole run
+    peak_rss_mb: float  # the process's peak resident memory
+    log_history: list  # the Trainer's log
+
+
+RESULTS_KEYS: tuple[str, ...] = tuple(Results.__annotations__)
+
+_LABEL = re.compile(r"^(base|prog)(-[A-Za-z0-9_-]+)?$")
+
+
+def run_mode(config: dict) -> Mode:
+    """The mode of a run from its resolved config (a ``TrainConfig.to_dict()``)."""
+    progtuning = bool(config.get("progtuning", True))
+    variant = config.get("variant")
+    if not progtuning:
+        schedule = "none"
+    else:
+        schedule = "explicit" if config.get("stage_blocks") else "progressive"
+    return {
+        "label": mode_label(config),
+        "method": str(config.get("method", "full")),
+        "progtuning": progtuning,
+        "schedule": schedule,
+        "embeddings": str(config.get("embeddings", "always")),
+        "variant": variant,
+    }
+
+
+def mode_label(config: dict) -> str:
+    """``base``; ``prog-<variant>`` in a sweep; else ``prog`` plus what differs from the paper's preset."""
+    if not config.get("progtuning", True):
+        return "base"
+    if config.get("variant"):
+        return f"prog-{config['variant']}"
+    label = "prog"
+    if config.get("stage_blocks"):
+        label += "-explicit"
+    if config.get("embeddings", "always") != "always":
+        label += f"-emb-{config['embeddings']}"
+    if config.get("stages"):
+        label += f"-T{config['stages']}"
+    if config.get("stage_unit", "epoch") != "epoch":
+        label += f"-{config['stage_unit']}"
+    return label
+
+
+def mode_of_legacy_run(path: str | Path, config: dict) -> str:
+    """The label of a results.json without ``mode``: its sweep folder name, else derived from the config.
+
+    Sweeps put a run in ``.../<base|prog[-variant]>/seed<k>/results.json``; that folder name was
+    the only record of a variant before ``mode`` was written.
+    """
+    parent = Path(path).parent
+    for name in (parent.parent.name, parent.name):
+        if _LABEL.match(name):
+            return name
+    return mode_label(config)
+
+
+def read_results(path: str | Path) -> dict:
+    """A results.json, with ``mode`` filled in for files written before it existed."""
+    path = Path(path)
+    results = json.loads(path.read_text())
+    if "mode" not in results:
+        config = results.get("config", {})
+        results["mode"] = {**run_mode(config), "label": mode_of_legacy_run(path, config)}
+    return results
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write JSON so that a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; a results file is for everyone to read
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind
+        raise
+
+
+def _json_default(value: Any):
+    import numpy as np
+
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)

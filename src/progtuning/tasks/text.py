@@ -1,0 +1,100 @@
+"""What the sequence-level kinds share: one text (or a text pair) in, one label column out.
+
+:class:`TextTask` tokenizes, pads and scores; its two kinds differ only in the head and the
+labels: :class:`~progtuning.tasks.classification.ClassificationTask` (class ids 0..K-1) and
+:class:`~progtuning.tasks.regression.RegressionTask` (one real-valued score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from progtuning.errors import ProgtuningError
+from progtuning.tasks.base import Features, Settings, Task, fingerprint, scored_splits
+from progtuning.tasks.metrics import MetricFn
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextTask(Task):
+    """A sequence task over one text column, or two for a pair, with labels in ``label_column``."""
+
+    name: str
+    text_columns: tuple[str, ...]  # one column, or two for a pair
+    metric: MetricFn  # (logits or scores, labels) -> {name: value}
+    main_metric: str  # the key of `metric`'s result used for model selection and tables
+    label_column: str = "label"
+    # splits scored during and after training; "validation" first. MNLI adds "validation_mismatched".
+    eval_splits: tuple[str, ...] = ("validation",)
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    task_type: ClassVar[str] = "seq_cls"
+    is_regression: ClassVar[bool] = False
+
+    def check(self, data) -> None:
+        """Columns present, splits non-empty, labels in range — one line per problem."""
+        for split in ("train", *self.eval_splits):
+            if split not in data:
+                raise ProgtuningError(f"task {self.name} has no {split!r} split (found: {', '.join(data)}); provide one")
+        for split, dataset in data.items():
+            if len(dataset) == 0:
+                raise ProgtuningError(f"the {split} split of {self.name} is empty: check the file or the subsampling")
+            needed = [*self.text_columns, self.label_column]
+            missing = [c for c in needed if c not in dataset.column_names]
+            if missing:
+                raise ProgtuningError(
+                    f"{split} split of {self.name} lacks column(s) {', '.join(missing)} "
+                    f"(has: {', '.join(dataset.column_names)}): set text_column / label_column"
+                )
+            self.check_labels(split, np.asarray(dataset[self.label_column]))
+
+    def check_labels(self, split: str, labels: np.ndarray) -> None:
+        """Raise if a split's labels do not fit the head (classification: ids 0..K-1)."""
+
+    def model_class(self) -> type:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def preprocess(self, data, tokenizer, settings: Settings) -> Features:
+        """Tokenized train split and evaluation splits (validation first, test last)."""
+        max_length = settings.max_length
+
+        def encode(batch):
+            texts = [batch[column] for column in self.text_columns]
+            encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+            encoded["labels"] = batch[self.label_column]
+            return encoded
+
+        def tokenized(dataset):
+            return dataset.map(
+                encode,
+                batched=True,
+                remove_columns=dataset.column_names,
+                desc="tokenizing",
+                new_fingerprint=fingerprint(dataset, tokenizer, max_length),
+            )
+
+        splits = scored_splits(self, data)
+        return Features(tokenized(data["train"]), {s: tokenized(data[s]) for s in splits}, data)
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)  # dynamic padding: each batch to its longest row
+
+    def trainer_metrics(self):
+        def compute(prediction) -> dict[str, float]:
+            predictions = prediction.predictions
+            if isinstance(predictions, tuple):
+                predictions = predictions[0]
+            return self.metric(np.asarray(predictions), np.asarray(prediction.label_ids))
+
+        return compute
+
+    def evaluate(self, trainer, features: Features, split: str) -> dict[str, float]:
+        scores = trainer.evaluate(features.eval[split], metric_key_prefix=split)
+        return {key.removeprefix(split + "_"): value for key, value in scores.items()}

@@ -1,0 +1,53 @@
+"""The run folder's file names and the results.json schema: the mode is written, and read back."""
+
+from __future__ import annotations
+
+import json
+
+from progtuning.runs.config import TrainConfig
+from progtuning.runs.report import load_runs
+from progtuning.runs.results import (
+    RESULTS_FILE,
+    mode_label,
+    read_results,
+    run_mode,
+    write_json_atomic,
+)
+from progtuning.runs.sweep import expand_sweep
+
+
+def test_mode_of_a_config():
+    base = run_mode(TrainConfig(progtuning=False, method="lora").to_dict())
+    assert base == {"label": "base", "method": "lora", "progtuning": False, "schedule": "none",
+                    "embeddings": "always", "variant": None}
+    explicit = run_mode(TrainConfig(stage_blocks=[[5], [4, 5]], embeddings="never").to_dict())
+    assert explicit["label"] == "prog-explicit-emb-never" and explicit["schedule"] == "explicit"
+    assert mode_label(TrainConfig(variant="emb-first", embeddings="first_stage").to_dict()) == "prog-emb-first"
+
+
+def test_a_sweep_names_each_variant_in_its_runs_config():
+    sweep = expand_sweep({
+        "output_dir": "runs/x", "base": {"epochs": 1},
+        "grid": {"progtuning": [False, True]}, "variants": {"emb-first": {"embeddings": "first_stage"}},
+    })
+    labels = {spec.name.split("/")[2]: mode_label(spec.config) for spec in sweep.runs}
+    assert labels == {"base": "base", "prog": "prog", "prog-emb-first": "prog-emb-first"}
+
+
+def test_report_reads_the_mode_from_results_not_from_the_folder(tmp_path):
+    # a run copied out of its sweep: the folder name says nothing, results.json says everything
+    path = tmp_path / "copied" / "run7" / RESULTS_FILE
+    path.parent.mkdir(parents=True)
+    config = TrainConfig(variant="t4", stages=4).to_dict()
+    write_json_atomic(path, {"mode": run_mode(config), "config": config, "test_score": 0.5, "main_metric": "accuracy"})
+    assert path.stat().st_mode & 0o777 == 0o644
+    (run,) = load_runs([tmp_path])
+    assert run.mode == "prog-t4" and run.method == "full"
+
+
+def test_old_results_get_their_mode_from_the_sweep_folder(tmp_path):
+    path = tmp_path / "trec6" / "lora" / "prog-emb-first" / "seed0" / RESULTS_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"config": {"method": "lora", "progtuning": True, "embeddings": "first_stage"}}))
+    mode = read_results(path)["mode"]
+    assert mode["label"] == "prog-emb-first" and mode["method"] == "lora" and mode["embeddings"] == "first_stage"
