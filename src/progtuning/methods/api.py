@@ -350,25 +350,31 @@ def _check_head_trains(wrapped: nn.Module, head_names: list[str], exact: bool) -
 
 
 # -- saving and loading ---------------------------------------------------------------------
-def save_method(model: nn.Module, config: MethodConfig, out_dir: Union[str, Path]) -> Path:
-    """Save what ``config``'s method trained in ``model`` to ``out_dir`` (see the module docstring)."""
+def save_method(
+    model: nn.Module, config: MethodConfig, out_dir: Union[str, Path], state_dict: dict | None = None
+) -> Path:
+    """Save what ``config``'s method trained in ``model`` to ``out_dir`` (see the module docstring).
+
+    ``state_dict``: the model's full state dict, when ``model`` itself holds only shards (FSDP).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if config.name == "full":
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
     elif config.name in ("lora", "peft"):
         if not hasattr(model, "peft_config"):
             raise ProgtuningError(
                 f"method {config.name!r} saves a peft model, got {type(model).__name__}: apply_method first"
             )
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
         _save_base_config(base, out)
     else:
         from safetensors.torch import save_file
 
         names = delta_parameter_names(model, config)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n in names}
+        source = state_dict if state_dict is not None else dict(model.named_parameters())
+        tensors = {n: source[n].detach().cpu().contiguous() for n in names}
         save_file(tensors, str(out / _weights_file(config)), metadata={"format": "pt", "method": config.name})
         _save_base_config(base, out)
     config.save(out / METHOD_FILE)

@@ -43,7 +43,9 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from progtuning.core.sharded_checkpoint import check_sharded
 from progtuning.errors import ProgtuningError
+from progtuning.runs.sharded_trainer import SHARDED, ShardedTraining
 
 logger = logging.getLogger("progtuning")
 
@@ -79,8 +81,11 @@ class NonFiniteLoss(ProgtuningError):
 # -------------------------------------------------------------------------------------------------
 # the Trainer
 # -------------------------------------------------------------------------------------------------
-class ProgtuningTrainer(Trainer):
-    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring)."""
+class ProgtuningTrainer(ShardedTraining, Trainer):
+    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring).
+
+    A model sharded by FSDP2 before the Trainer was built gets sharded checkpoints (:class:`ShardedTraining`).
+    """
 
     def __init__(self, *args: Any, batch_mean_loss: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -99,7 +104,7 @@ class ProgtuningTrainer(Trainer):
                     or is_sagemaker_mp_enabled())
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self._plain_state():
+        if self.sharded or not self._plain_state():
             return super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             try:
@@ -115,8 +120,8 @@ class ProgtuningTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
-        if not self._plain_state() or not os.path.isfile(os.path.join(checkpoint, "optimizer.json")):
-            return super()._load_optimizer_and_scheduler(checkpoint)  # torch.save files, weights_only=True
+        if self.sharded or not self._plain_state() or not os.path.isfile(os.path.join(checkpoint, "optimizer.json")):
+            return super()._load_optimizer_and_scheduler(checkpoint)  # sharded: ShardedTraining  # torch.save files, weights_only=True
         on_device = self.args.world_size > 1 and self.args.device.type != "cpu"  # as the Trainer does
         self.optimizer.load_state_dict(load_state(checkpoint, "optimizer", self.args.device if on_device else "cpu"))
         self.lr_scheduler.load_state_dict(load_state(checkpoint, "scheduler"))
@@ -410,11 +415,14 @@ def check_checkpoint(path: str | Path, model: torch.nn.Module | None = None, sch
     fix = f"delete {path} to resume from the checkpoint before it, or start again with --overwrite"
     state = _read_trainer_state(path, fix)
     _check_progtuning_entry(path, state, schedule, block_paths)
+    sharded = (path / SHARDED).is_dir()  # FSDP: model and optimizer as shards (checked there, headers only)
+    if sharded:
+        check_sharded(path / SHARDED, model, fix)
     weights = [p for p in ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
                            "pytorch_model.bin", "adapter_model.bin") if (path / p).exists()]
-    if not weights:
+    if not weights and not sharded:
         raise ProgtuningError(f"checkpoint {path} has no model weights (model.safetensors): {fix}")
-    for required in ("optimizer", "scheduler"):
+    for required in ("scheduler",) if sharded else ("optimizer", "scheduler"):
         if not (path / f"{required}.json").exists() and not (path / f"{required}.pt").exists():
             raise ProgtuningError(f"checkpoint {path} lacks {required}.json, so the run cannot resume exactly: {fix}")
     if not any(path.glob("rng_state*.json")) and not any(path.glob("rng_state*.pth")):
@@ -425,7 +433,7 @@ def check_checkpoint(path: str | Path, model: torch.nn.Module | None = None, sch
     for name in sorted({*PICKLED_STATE, *(p.name for p in path.glob("rng_state*.pth"))}):
         if (path / name).exists():
             _check_pickle(path / name, fix)
-    if model is not None:
+    if model is not None and not sharded:
         _check_weights_fit(path, model, fix)
     return state
 

@@ -90,6 +90,10 @@ def run(config: TrainConfig) -> dict:
         from progtuning.core.distributed import refuse_unsupported_parallelism
 
         refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
+    if config.fsdp:
+        from progtuning.runs.sharded_trainer import check_fsdp_config
+
+        check_fsdp_config(config)
     prepared = prepare(config)
     if config.overwrite and output_dir.exists() and not config.resume and launcher_rank() == 0:
         shutil.rmtree(output_dir)
@@ -324,6 +328,12 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
         ddp_find_unused_parameters=True,
     )
+    traffic = None
+    if config.fsdp:  # after TrainingArguments: accelerate has set up the process group and this rank's device
+        from progtuning.core.fsdp import TrafficLog, shard_by_block
+
+        shard_by_block(model.to(args.device), layout)  # one FSDP2 unit per block, plus the root
+        traffic = TrafficLog(callback)
     stop, nan_guard = StopOnSignal(), StopOnNonFiniteLoss(callback)
     trainer = ProgtuningTrainer(
         model=model,
@@ -333,7 +343,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[callback, cache_callback, stop, nan_guard],
+        callbacks=[callback, cache_callback, stop, nan_guard, *([traffic] if traffic else [])],
     )
     train_started = time.perf_counter()
     resume = None
@@ -342,6 +352,9 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
             clean_partial_checkpoints(output_dir / CHECKPOINTS)  # what a killed run left half-written
         resume = _last_checkpoint(output_dir)
         check_checkpoint(resume, model, schedule, list(layout.block_paths))  # one line, before anything loads
+        from progtuning.runs.sharded_trainer import check_same_sharding
+
+        check_same_sharding(resume, config.fsdp)
     try:
         train_output = trainer.train(resume_from_checkpoint=resume)
     finally:  # also when training raised: give the signal handlers back, drop the loss hook
@@ -362,7 +375,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
             split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split)
             for split, dataset in eval_sets.items()
         }
-    if config.save_model and trainer.is_world_process_zero():
+    if config.save_model and (config.fsdp or trainer.is_world_process_zero()):  # FSDP: every rank gathers
         _save(trainer, model, tokenizer, config, output_dir)
 
     steps_per_epoch = callback.steps_per_epoch
@@ -406,6 +419,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
             "misses": cache.misses if cache else 0,
         },
         "train_time_s": round(train_time, 2),
+        **({"fsdp": {"stages": traffic.records()}} if traffic else {}),
         "log_history": trainer.state.log_history,
     }
 
@@ -521,6 +535,14 @@ def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> N
     from progtuning.methods.api import save_method
 
     model_dir = output_dir / "model"
+    if config.fsdp:  # the shards, gathered unit by unit into rank 0's memory
+        from progtuning.core.fsdp import full_state_dict
+
+        state = full_state_dict(model)
+        if trainer.is_world_process_zero():
+            save_method(model, method_config(config), str(model_dir), state_dict=state)
+            tokenizer.save_pretrained(str(model_dir))
+        return
     if config.method == "full":
         trainer.save_model(str(model_dir))
     else:
