@@ -24,7 +24,7 @@ Schedules: ``none`` (full fine-tuning), ``shrink`` (the paper's, 3 stages, embed
 ``grow`` (top block first, then more), ``cycle`` (blocks off and on again), ``paper`` (the paper's with
 4 stages, embeddings frozen: the communication measurement), ``paper-emb`` (the same, embeddings trained). Options: ``acc2`` (half the batch, 2
 accumulation steps), ``clip`` (max_grad_norm 0.02, so clipping binds every step), ``lora`` (LoRA r=4
-on query/value instead of full fine-tuning), ``h256`` (hidden 256 instead of 32).
+on query/value instead of full fine-tuning), ``hN`` (hidden N instead of 32: ``h256``, ``h1024``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def build_model(options: set[str]):
 
     from progtuning.methods.api import MethodConfig, apply_method
 
-    size = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4) if "h256" in options else {}
+    hidden = next((int(o[1:]) for o in options if o[:1] == "h" and o[1:].isdigit()), None)  # h256, h1024
+    size = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=hidden // 64) if hidden else {}
     model = tiny_model("bert", num_layers=4, seed=0, **size)
     method = MethodConfig(name="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0) if "lora" in options else MethodConfig()
     return apply_method(model, method, task_type="seq_cls")

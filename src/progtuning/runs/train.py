@@ -86,7 +86,7 @@ def run(config: TrainConfig) -> dict:
     _check_output_dir(output_dir, config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.progtuning:
+    if config.progtuning or config.fsdp:
         from progtuning.core.distributed import refuse_unsupported_parallelism
 
         refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
