@@ -182,6 +182,15 @@ def test_the_trainer_accepts_fsdp_only_when_every_block_is_a_unit(one_process_gr
         check_trainer_parallelism(SimpleNamespace(deepspeed="ds.json", world_size=2), _sharded_bert(), schedule)
 
 
+@needs_gloo
+def test_the_frozen_prefix_cache_refuses_a_sharded_model(one_process_group):
+    from progtuning.cache.prefix_cache import unsupported_reason
+
+    assert unsupported_reason(tiny_model("bert", num_layers=4)) is None
+    reason = unsupported_reason(_sharded_bert())
+    assert reason.startswith("the frozen-prefix cache does not work on a model sharded by FSDP") and "\n" not in reason
+
+
 def test_sharding_needs_a_process_group():
     from progtuning.core.fsdp import shard_by_block
 
