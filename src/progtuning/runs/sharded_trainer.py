@@ -37,6 +37,8 @@ SHARDED = "sharded"  # checkpoint-N/sharded/: the model's and the optimizer's sh
 class ShardedTraining:
     """Trainer overrides for a model sharded before the Trainer was built (see the module docstring)."""
 
+    sharded = False  # set once the Trainer is built; False until then, so nothing here runs early
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sharded = is_sharded(self.model)
