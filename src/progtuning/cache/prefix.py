@@ -37,6 +37,11 @@ def unsupported_reason(model: nn.Module, layout: BlockLayout | None = None) -> s
 
 
 def locate(model: nn.Module, layout: BlockLayout) -> Prefix:
+    from progtuning.core.fsdp import is_sharded
+
+    if is_sharded(model):  # it would run the frozen blocks outside FSDP's all-gathers
+        raise ProgtuningError("the frozen-prefix cache does not work on a model sharded by FSDP: run without "
+                              "--cache-frozen (or without --fsdp)")
     stacks = {path.rsplit(".", 1)[0] for path in layout.block_paths}
     name = type(model).__name__
     if len(stacks) != 1:

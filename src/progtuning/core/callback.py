@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from progtuning.core.blocks import find_blocks
 from progtuning.core.distributed import check_trainer_parallelism
+from progtuning.core.fsdp import ShardedFreezer, is_sharded
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer, StageChange
 from progtuning.core.schedule import EmbeddingPolicy, Schedule, Unit, progressive
@@ -86,7 +87,7 @@ class ProgtuningCallback(TrainerCallback):
         self.blocks = blocks
         self.eval_frozen_blocks = eval_frozen_blocks
         self.freezer: ProgressiveFreezer | None = None
-        self.distributed_mode: str | None = None  # "single" or "ddp", set at train start
+        self.distributed_mode: str | None = None  # "single", "ddp" or "fsdp", set at train start
         self.steps_per_epoch = 1
         self.total_steps = 0
         self.records: list[StageRecord] = []
@@ -107,9 +108,11 @@ class ProgtuningCallback(TrainerCallback):
             # for frozen by the method and never train it again.
             self.freezer.restore()
             self.freezer.close()
-        self.freezer = ProgressiveFreezer(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
-        # Several processes: FSDP/DeepSpeed are refused, DDP needs find_unused_parameters (see distributed.py).
+        # Several processes: DDP needs find_unused_parameters, FSDP one unit per block, DeepSpeed is refused.
         self.distributed_mode = check_trainer_parallelism(args, model, self.schedule)
+        # A model sharded by FSDP2 switches its sharded parameters (see fsdp.py).
+        freezer_class = ShardedFreezer if is_sharded(model) else ProgressiveFreezer
+        self.freezer = freezer_class(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
         if state.global_step > 0:
             self._check_resume(args, state)
         state.stateful_callbacks[STATE_KEY] = self._resume_check_data()

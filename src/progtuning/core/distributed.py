@@ -25,8 +25,12 @@ So there are two correct ways, and this module serves both:
   local variable for the whole run, so it is not rebuilt: it runs with
   ``find_unused_parameters=True`` (the Trainer's default, set explicitly by ``progtuning train``).
   :func:`check_trainer_parallelism` refuses ``find_unused_parameters=False`` when the schedule
-  freezes anything, and refuses FSDP and DeepSpeed, which flatten or shard parameters and fix
-  the trainable set at start.
+  freezes anything.
+
+Sharding is :mod:`progtuning.core.fsdp`: FSDP2 with one unit per block, made by progtuning before
+the Trainer starts. FSDP configured another way (FSDP1's flat parameters, accelerate's launcher or
+``TrainingArguments(fsdp=...)``, which accelerate ignores on CPUs) and DeepSpeed are refused in one
+line; ``docs/distributed.md`` has what was measured under DeepSpeed.
 
 Plain loop, launched with ``torchrun --nproc_per_node 2 train.py``::
 
@@ -163,35 +167,55 @@ class DistributedFreezer:
 # -------------------------------------------------------------------------------------------------
 # the HF Trainer
 # -------------------------------------------------------------------------------------------------
-def refuse_unsupported_parallelism(args=None) -> None:
-    """One line if FSDP or DeepSpeed is configured (TrainingArguments, accelerate's launcher or state).
+def refuse_unsupported_parallelism(args=None, model: nn.Module | None = None) -> None:
+    """One line if FSDP is configured other than by progtuning, or DeepSpeed at all.
 
-    They flatten or shard parameters and fix the optimizer's view of them at start, so
-    ``requires_grad`` cannot be switched stage by stage under them; nothing is run wrongly instead.
+    ``model`` sharded by FSDP2 with one unit per block (:func:`progtuning.core.fsdp.shard_by_block`)
+    is accepted whatever else says FSDP. FSDP from accelerate's launcher or ``TrainingArguments``
+    is not: accelerate enables it only on GPUs (on CPUs ``fsdp=True`` silently runs DDP) and shards
+    by its own policy. DeepSpeed's ZeRO optimizer owns flat copies of the parameters, built at start,
+    so freezing a block there neither stops its updates nor frees its state (measured with ZeRO-2 and
+    ZeRO-3: a block frozen at a switch moved by 2e-3 in the next stage; see the docs).
     """
-    if _fsdp_enabled(args):
+    from progtuning.core.fsdp import is_sharded
+
+    sharded = model is not None and is_sharded(model)
+    if _fsdp1(model):
         raise ProgtuningError(
-            "Progtuning does not support FSDP (it flattens/shards parameters, so blocks cannot be frozen stage by "
-            "stage mid-run): use plain data parallelism (torchrun, or accelerate launch --multi_gpu without "
-            "--use_fsdp), or turn progtuning off"
+            "Progtuning does not support FSDP1 (FullyShardedDataParallel flattens parameters, so blocks cannot be "
+            "frozen one by one): use FSDP2 one unit per block (progtuning train --fsdp, or "
+            "progtuning.core.fsdp.shard_by_block before the Trainer)"
+        )
+    if _fsdp_enabled(args) and not sharded:
+        raise ProgtuningError(
+            "Progtuning does not support FSDP set up by accelerate (accelerate launch --use_fsdp or "
+            "TrainingArguments(fsdp=...)): it shards by its own policy, and on CPUs not at all; launch without it "
+            "(torchrun, or accelerate launch --multi_gpu) and pass --fsdp, so progtuning shards one FSDP2 unit per "
+            "block (in your own code: progtuning.core.fsdp.shard_by_block before the Trainer)"
         )
     if _deepspeed_enabled(args):
         raise ProgtuningError(
-            "Progtuning does not support DeepSpeed (its ZeRO optimizer fixes the trainable set at start): use plain "
-            "data parallelism (torchrun, or accelerate launch --multi_gpu), or turn progtuning off"
+            "Progtuning does not support DeepSpeed (its ZeRO optimizer owns flat copies of every parameter trainable "
+            "when the engine is built and keeps updating them after they freeze): use --fsdp (FSDP2, sharded like "
+            "ZeRO-3) or plain data parallelism, or turn progtuning off"
         )
 
 
 def check_trainer_parallelism(args, model: nn.Module | None, schedule: Schedule) -> str:
-    """What the Trainer does with ``args`` in this process: ``"single"`` or ``"ddp"``; refuse the rest.
+    """What the Trainer does with ``args`` in this process: ``"single"``, ``"ddp"`` or ``"fsdp"``; refuse the rest.
 
     Called by :class:`~progtuning.core.callback.ProgtuningCallback` at ``on_train_begin``, after the
     Trainer built its DDP wrapper and before the first stage is applied — so the wrapper registered
     every parameter any stage trains, and ``find_unused_parameters=True`` (the Trainer's default)
     lets it skip whichever are frozen in a step and take them back when they train again (measured
     correct for shrinking, growing and cycling schedules). Without it the first frozen step fails.
+    A model sharded by FSDP2 needs nothing of the kind: a frozen unit simply sends no gradient.
     """
-    refuse_unsupported_parallelism(args)
+    from progtuning.core.fsdp import is_sharded
+
+    refuse_unsupported_parallelism(args, model)
+    if model is not None and is_sharded(model):
+        return "fsdp"
     if getattr(args, "world_size", 1) <= 1 and not is_distributed():
         return "single"
     if _freezes_anything(schedule) and not _find_unused(args, model):
@@ -201,6 +225,14 @@ def check_trainer_parallelism(args, model: nn.Module | None, schedule: Schedule)
             "checkpointing also pass activation_checkpointing_kwargs={'use_reentrant': False})"
         )
     return "ddp"
+
+
+def _fsdp1(model: nn.Module | None) -> bool:
+    if model is None:
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
 
 
 def _freezes_anything(schedule: Schedule) -> bool:

@@ -91,11 +91,16 @@ def delta_parameter_names(model: nn.Module, config: MethodConfig) -> set[str]:
     return get_method(config.name).delta_names(model, config)
 
 
-def save_method(model: nn.Module, config: MethodConfig, out_dir: Union[str, Path]) -> Path:
-    """Save what ``config``'s method trained in ``model`` to ``out_dir`` (see the module docstring)."""
+def save_method(
+    model: nn.Module, config: MethodConfig, out_dir: Union[str, Path], state_dict: dict | None = None
+) -> Path:
+    """Save what ``config``'s method trained in ``model`` to ``out_dir`` (see the module docstring).
+
+    ``state_dict``: the model's full state dict, when ``model`` itself holds only shards (FSDP).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    get_method(config.name).save(model, config, out)
+    get_method(config.name).save(model, config, out, state_dict)
     config.save(out / METHOD_FILE)
     return out
 

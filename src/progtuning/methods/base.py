@@ -45,8 +45,10 @@ class Method:
         """The parameters the method trains and saves, by name (methods that keep such a list)."""
         raise ValueError(f"method {self.name!r} keeps no delta parameter list")
 
-    def save(self, model: nn.Module, config: MethodConfig, out: Path) -> None:
-        """Write what the method trained into ``out`` (the caller adds ``progtuning_method.json``)."""
+    def save(self, model: nn.Module, config: MethodConfig, out: Path, state_dict: dict | None = None) -> None:
+        """Write what the method trained into ``out`` (the caller adds ``progtuning_method.json``).
+
+        ``state_dict``: the model's full state dict, when ``model`` itself holds only shards (FSDP)."""
         raise NotImplementedError
 
     def load(self, base: Union[str, Path, nn.Module], out: Path, config: MethodConfig, merge: bool) -> nn.Module:
@@ -69,11 +71,12 @@ class DeltaMethod(Method):
             param.requires_grad_(name in names)
         return model
 
-    def save(self, model, config, out):
+    def save(self, model, config, out, state_dict=None):
         from safetensors.torch import save_file
 
         names = self.delta_names(model, config)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n in names}
+        source = state_dict if state_dict is not None else dict(model.named_parameters())
+        tensors = {n: source[n].detach().cpu().contiguous() for n in names}
         save_file(tensors, str(out / self.weights_file), metadata={"format": "pt", "method": config.name})
         save_base_config(model, out)
 

@@ -13,8 +13,8 @@ class FullFineTuning(Method):
             param.requires_grad_(True)
         return model
 
-    def save(self, model, config, out):
-        model.save_pretrained(out)
+    def save(self, model, config, out, state_dict=None):
+        model.save_pretrained(out, state_dict=state_dict)
 
     def load(self, base, out, config, merge):
         from torch import nn

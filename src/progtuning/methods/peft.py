@@ -38,12 +38,12 @@ class PeftMethod(Method):
             check_head_trains(wrapped, head_names, exact=self.exact_head)
         return wrapped
 
-    def save(self, model, config, out):
+    def save(self, model, config, out, state_dict=None):
         if not hasattr(model, "peft_config"):
             raise ProgtuningError(
                 f"method {config.name!r} saves a peft model, got {type(model).__name__}: apply_method first"
             )
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
         save_base_config(model, out)
 
     def load(self, base, out, config, merge):

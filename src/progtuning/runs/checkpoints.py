@@ -51,6 +51,7 @@ from progtuning.runs.checkpoint_files import (
     save_state,
 )
 from progtuning.runs.resume_checks import check_checkpoint
+from progtuning.runs.sharded_trainer import ShardedTraining
 from progtuning.runs.integrity import write_checksums
 from progtuning.runs.output_dir import io_error, is_io_fault
 from progtuning.runs.stops import NonFiniteLoss
@@ -69,8 +70,11 @@ __all__ = [
 logger = logging.getLogger("progtuning")
 
 
-class ProgtuningTrainer(Trainer):
-    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring)."""
+class ProgtuningTrainer(ShardedTraining, Trainer):
+    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring).
+
+    A model sharded by FSDP2 before the Trainer was built gets sharded checkpoints (:class:`ShardedTraining`).
+    """
 
     def __init__(self, *args: Any, batch_mean_loss: bool = True, seal: Callable[[str], None] | None = None,
                  **kwargs: Any) -> None:
@@ -93,7 +97,7 @@ class ProgtuningTrainer(Trainer):
                     or is_sagemaker_mp_enabled())
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self._plain_state():
+        if self.sharded or not self._plain_state():
             return super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             try:
@@ -109,7 +113,7 @@ class ProgtuningTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
-        if not self._plain_state() or not os.path.isfile(os.path.join(checkpoint, "optimizer.json")):
+        if self.sharded or not self._plain_state() or not os.path.isfile(os.path.join(checkpoint, "optimizer.json")):
             return super()._load_optimizer_and_scheduler(checkpoint)  # torch.save files, weights_only=True
         on_device = self.args.world_size > 1 and self.args.device.type != "cpu"  # as the Trainer does
         self.optimizer.load_state_dict(load_state(checkpoint, "optimizer", self.args.device if on_device else "cpu"))

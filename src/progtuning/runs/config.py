@@ -82,6 +82,9 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
     cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
     cache_budget_mb: int = _help("RAM for the frozen-prefix cache; beyond it the cache is a memory-mapped file", 1024)
+    # -- processes --
+    fsdp: bool = _help("shard the model with FSDP2, one unit per block (several processes: torchrun or "
+                       "accelerate launch --multi_gpu); checkpoints are sharded too", False)
     # -- optimisation --
     epochs: float = _help("training epochs", 3)
     max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)

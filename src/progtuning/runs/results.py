@@ -80,9 +80,13 @@ class Results(TypedDict, total=False):
     wall_time_s: float  # the whole run
     peak_rss_mb: float  # the process's peak resident memory
     log_history: list  # the Trainer's log
+    resumed_from_step: int | None  # the step a resumed run continued from (None: one uninterrupted run)
+    warnings: list  # one-line notes shown during the run (skipped rows, ignored remote code, ...)
+    fsdp: dict  # FSDP runs only: per stage, bytes communicated per step and each rank's state
 
 
 RESULTS_KEYS: tuple[str, ...] = tuple(Results.__annotations__)
+OPTIONAL_KEYS: tuple[str, ...] = ("fsdp",)  # written only by the runs they describe
 
 _LABEL = re.compile(r"^(base|prog)(-[A-Za-z0-9_-]+)?$")
 

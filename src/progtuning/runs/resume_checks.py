@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from progtuning.core.callback import STATE_KEY, check_resume_entry
+from progtuning.core.sharded_checkpoint import check_sharded
 from progtuning.errors import ProgtuningError
 from progtuning.runs.checkpoint_files import STATE_FORMAT, TRAINER_STATE
+from progtuning.runs.sharded_trainer import SHARDED
 
 # Files the plain Trainer writes with torch.save and reads back on resume (with weights_only=True).
 PICKLED_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "pytorch_model.bin", "adapter_model.bin")
@@ -37,11 +39,14 @@ def check_checkpoint(path: str | Path, model: torch.nn.Module | None = None, sch
     state = _read_trainer_state(path, fix)
     saved = (state.get("stateful_callbacks") or {}).get(STATE_KEY)
     check_resume_entry(saved, schedule, block_paths, f"checkpoint {path}")
+    sharded = (path / SHARDED).is_dir()  # FSDP: model and optimizer as shards (checked there, headers only)
+    if sharded:
+        check_sharded(path / SHARDED, model, fix)
     weights = [p for p in ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
                            "pytorch_model.bin", "adapter_model.bin") if (path / p).exists()]
-    if not weights:
+    if not weights and not sharded:
         raise ProgtuningError(f"checkpoint {path} has no model weights (model.safetensors): {fix}")
-    for required in ("optimizer", "scheduler"):
+    for required in ("scheduler",) if sharded else ("optimizer", "scheduler"):
         if not (path / f"{required}.json").exists() and not (path / f"{required}.pt").exists():
             raise ProgtuningError(f"checkpoint {path} lacks {required}.json, so the run cannot resume exactly: {fix}")
     if not any(path.glob("rng_state*.json")) and not any(path.glob("rng_state*.pth")):
@@ -52,7 +57,7 @@ def check_checkpoint(path: str | Path, model: torch.nn.Module | None = None, sch
     for name in sorted({*PICKLED_STATE, *(p.name for p in path.glob("rng_state*.pth"))}):
         if (path / name).exists():
             _check_pickle(path / name, fix)
-    if model is not None:
+    if model is not None and not sharded:
         _check_weights_fit(path, model, fix)
     return state
 

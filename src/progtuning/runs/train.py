@@ -89,10 +89,14 @@ def run(config: TrainConfig, checked=None) -> dict:
     checked = checked or preflight(config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.progtuning:
+    if config.progtuning or config.fsdp:
         from progtuning.core.distributed import refuse_unsupported_parallelism
 
         refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
+    if config.fsdp:
+        from progtuning.runs.sharded_trainer import check_fsdp_config
+
+        check_fsdp_config(config)
     prepared = prepare(config)
     record = config_record(config)  # kept in every checkpoint: a resume must not change the run
     writer = launcher_rank() == 0
@@ -243,15 +247,23 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
     cache_callback = PrefixCacheCallback(callback, cache)  # after the Progtuning callback: the stage is set
 
     evaluate_each_epoch = task.evaluates_each_epoch and "validation" in features.eval
+    args = _training_arguments(config, output_dir, evaluate_each_epoch, keep_all_columns=cache is not None)
+    traffic = None
+    if config.fsdp:  # after TrainingArguments: accelerate has set up the process group and this rank's device
+        from progtuning.core.fsdp import TrafficLog, shard_by_block
+
+        shard_by_block(model.to(args.device), layout)  # one FSDP2 unit per block, plus the root
+        traffic = TrafficLog(callback)
     trainer = ProgtuningTrainer(
         model=model,
-        args=_training_arguments(config, output_dir, evaluate_each_epoch, keep_all_columns=cache is not None),
+        args=args,
         train_dataset=train_set,
         eval_dataset=features.eval["validation"] if evaluate_each_epoch else None,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
-        callbacks=[callback, telemetry, cache_callback, history],  # history last: it sees every save
+        # history last: it sees every save
+        callbacks=[callback, telemetry, cache_callback, *([traffic] if traffic else []), history],
         seal=_sealer(record),
     )
     train_started = time.perf_counter()
@@ -259,9 +271,9 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
     train_time = time.perf_counter() - train_started
 
     metrics = {split: task.evaluate(trainer, features, split) for split in features.eval}
-    if config.save_model and trainer.is_world_process_zero():
-        _save(model, tokenizer, config, output_dir)
-    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, history, cache_callback)
+    if config.save_model and (config.fsdp or trainer.is_world_process_zero()):  # FSDP: every rank gathers
+        _save(trainer, model, tokenizer, config, output_dir)
+    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, history, cache_callback, traffic)
     return _results(prepared, run, metrics)
 
 
@@ -277,6 +289,7 @@ class _Trained:
     callback: ProgtuningCallback
     history: Any  # RunHistory: the whole run's stages, also after a resume
     cache_callback: PrefixCacheCallback
+    traffic: Any = None  # FSDP: the TrafficLog (bytes communicated and each rank's state per stage)
 
 
 def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
@@ -333,6 +346,7 @@ def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
             "misses": cache.misses if cache else 0,
         },
         "train_time_s": round(run.train_time, 2),
+        **({"fsdp": {"stages": run.traffic.records()}} if run.traffic else {}),
         "log_history": state.log_history,
         "warnings": prepared.notes,
     }
@@ -402,6 +416,9 @@ def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir:
         # The newest intact checkpoint, its config checked against this run's (preflight).
         resume = resume_from or str(select_checkpoint(output_dir / CHECKPOINTS_DIR))
         check_checkpoint(resume, trainer.model, schedule, list(layout.block_paths))  # one line, before anything loads
+        from progtuning.runs.sharded_trainer import check_same_sharding
+
+        check_same_sharding(resume, config.fsdp)
     try:
         output = trainer.train(resume_from_checkpoint=resume)
     finally:  # also when training raised: give the signal handlers back, drop the loss hook
@@ -435,17 +452,24 @@ def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, outpu
     )
 
 
-def _save(model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
+def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
     """What the method trained, with progtuning_method.json, so load_method rebuilds it (any method)."""
     from progtuning.methods.api import save_method
 
     # Written beside its place and renamed into it: a full disk never leaves half a model (or a resumed
     # run's older model replaced by half of a new one).
+    state = None
+    if config.fsdp:  # the shards, gathered unit by unit into rank 0's memory (every rank takes part)
+        from progtuning.core.fsdp import full_state_dict
+
+        state = full_state_dict(model)
+        if not trainer.is_world_process_zero():
+            return
     final, staging, old = output_dir / MODEL_DIR, output_dir / f".partial-{MODEL_DIR}", output_dir / f".deleting-{MODEL_DIR}"
     for leftover in (staging, old):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
-        save_method(model, config.method_config(), staging)
+        save_method(model, config.method_config(), staging, state_dict=state)
         tokenizer.save_pretrained(str(staging))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
