@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from conftest import TINY_HIDDEN, tiny_model
+from conftest import TINY_HIDDEN, tiny_config, tiny_model
 from float_tolerance import (
     assert_close_to_rounding,
     max_difference,
@@ -237,6 +237,16 @@ def _switch(model, policy="never", eval_frozen=True, stage=1, collator=None, arg
 
 def test_off_while_the_embeddings_train(caplog):
     record = _switch(tiny_model("bert"), policy="always")
+    assert record["cache"] is False and "embeddings train in stage 1" in record["reason"]
+
+
+def test_off_while_a_head_tied_to_the_word_embeddings_trains():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config("bert"))  # its decoder is the word-embedding table
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    record = _switch(model, policy="never")  # the head (and so the table) trains in every stage
     assert record["cache"] is False and "embeddings train in stage 1" in record["reason"]
 
 

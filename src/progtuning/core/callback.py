@@ -29,7 +29,7 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
-from progtuning.core.blocks import find_blocks
+from progtuning.core.blocks import TiedHead, find_blocks
 from progtuning.core.distributed import check_trainer_parallelism
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer, StageChange
@@ -73,7 +73,9 @@ class ProgtuningCallback(TrainerCallback):
 
     Give a ready :class:`Schedule`, or let the callback build the paper's preset from the model
     at train start: ``num_stages`` parts (default: the run's number of epochs), the embedding
-    policy and the stage unit.
+    policy and the stage unit. ``tied_head`` places an input embedding tied to the output head
+    (GPT-2, tied Llama/Qwen2, T5 LM heads): "head" trains it in every stage, "embeddings" makes it
+    follow the embedding policy.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ProgtuningCallback(TrainerCallback):
         unit: Unit = "epoch",
         blocks: str | list[str] | None = None,
         eval_frozen_blocks: bool = True,
+        tied_head: TiedHead = "head",
     ) -> None:
         self.schedule = schedule
         self.num_stages = num_stages
@@ -92,6 +95,7 @@ class ProgtuningCallback(TrainerCallback):
         self.unit = unit
         self.blocks = blocks
         self.eval_frozen_blocks = eval_frozen_blocks
+        self.tied_head = tied_head
         self.freezer: ProgressiveFreezer | None = None
         self.distributed_mode: str | None = None  # "single" or "ddp", set at train start
         self.steps_per_epoch = 1
@@ -104,7 +108,7 @@ class ProgtuningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.total_steps = state.max_steps
         self.steps_per_epoch = _updates_per_epoch(train_dataloader, args, state)
-        layout = find_blocks(model, blocks=self.blocks)
+        layout = find_blocks(model, blocks=self.blocks, tied_head=self.tied_head)
         if self.schedule is None:
             # The run's epochs as the Trainer counts them (max_steps wins over num_train_epochs).
             epochs = math.ceil(self.total_steps / self.steps_per_epoch)
