@@ -182,7 +182,7 @@ def equal_shares(num_stages: int, unit: str = "epoch", epochs: float | None = No
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise ProgtuningError(f"a run needs a positive, finite number of epochs, got {epochs}")
     fractions = [i / num_stages for i in range(num_stages)]
-    if unit != "epoch":
+    if unit != "epoch" or num_stages < 1:  # (no stage at all is refused by the schedule's validation)
         return unit, fractions
     if epochs is None:
         return "epoch", [float(i) for i in range(num_stages)]
