@@ -72,5 +72,6 @@ def max_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor])
 def assert_close_to_rounding(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
     """``got`` equals ``expected`` up to ``tolerance`` (absolute), with the worst difference in the message."""
     assert got.shape == expected.shape, (got.shape, expected.shape)
+    got, expected = got.detach(), expected.detach()
     worst = float((got.double() - expected.double()).abs().max()) if got.numel() else 0.0
     assert math.isfinite(worst) and worst <= tolerance, f"differs by {worst:.3g} > tolerance {tolerance:.3g}"

@@ -37,7 +37,7 @@ FFN = 64  # the tiny configs' intermediate size: the longest sum in a block
 def prefix_tolerance(values: torch.Tensor, depth: int) -> float:
     """The cache computes the prefix in other batches, padded to other lengths, than the uncached
     forward: the same math with sums in another order (another GEMM shape, more masked keys)."""
-    return reordered_sum_tolerance(float(values.abs().max()), terms=FFN, depth=depth)
+    return reordered_sum_tolerance(float(values.detach().abs().max()), terms=FFN, depth=depth)
 
 
 def ragged_dataset(n: int = 12, seed: int = 1, pad_to: int | None = None) -> datasets.Dataset:
