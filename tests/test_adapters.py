@@ -108,7 +108,7 @@ def test_bottleneck_adapter_is_identity_at_init_and_sized_by_reduction_factor():
     assert torch.count_nonzero(adapter.down.weight) > 0
     assert 0.005 < adapter.down.weight.std().item() < 0.015  # N(0, 0.01²)
     h = torch.randn(3, 5, 768)
-    assert torch.equal(adapter(h), h)
+    assert torch.equal(adapter(h), h)  # h + 0 exactly: the up-projection's weight and bias are zero
 
 
 def test_bottleneck_adapter_residual_formula_and_activations():
@@ -121,7 +121,7 @@ def test_bottleneck_adapter_residual_formula_and_activations():
         expected = h + nn.functional.linear(
             act(nn.functional.linear(h, adapter.down.weight, adapter.down.bias)), adapter.up.weight, adapter.up.bias
         )
-        assert torch.allclose(adapter(h), expected)
+        assert torch.equal(adapter(h), expected)  # the same ops on the same tensors: bit-identical
     assert isinstance(BottleneckAdapter(8).act, nn.GELU)  # the default: no dead units at init
     assert BottleneckAdapter(8, reduction_factor=64).bottleneck == 1  # never a zero-width bottleneck
     with pytest.raises(ProgtuningError, match="activation"):
@@ -161,7 +161,7 @@ def test_adapters_sit_on_the_expected_projections_of_every_block(arch, adapter_t
 
     # Exactly the base model at init (up-projection zero) ...
     with torch.no_grad():
-        assert torch.equal(model(**batch(arch)).logits, before)
+        assert torch.equal(model(**batch(arch)).logits, before)  # each adapter adds an exact 0
         # ... and the adapters really run: a non-zero up-projection changes the output.
         for module_name in added:
             nn.init.normal_(model.get_submodule(module_name).up.weight, std=0.5)
@@ -195,6 +195,7 @@ def test_adapters_survive_deepcopy_and_base_checkpoints_still_load():
     assert set(result.missing_keys) == set(adapter_parameter_names(model))
     clone = copy.deepcopy(model)  # the hook is a module-level function, so copies work
     with torch.no_grad():
+        # a deep copy runs the same ops on copies of the same bits, in this process
         assert torch.equal(clone(**batch("bert")).logits, model(**batch("bert")).logits)
 
 

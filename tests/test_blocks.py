@@ -123,23 +123,76 @@ def test_t5_encoder_blocks_come_before_decoder_blocks():
     assert layout.block_of("transformer.decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight") == 2
 
 
+def test_t5_relative_attention_bias_serves_every_block_of_its_stack():
+    model = tiny_model("t5", num_layers=3, task="seq2seq")
+    layout = find_blocks(model)
+    bias = "{}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    # block 0 of each stack computes the position bias once and hands it to the later blocks
+    assert model.encoder.block[0].layer[0].SelfAttention.has_relative_attention_bias
+    assert not model.encoder.block[1].layer[0].SelfAttention.has_relative_attention_bias
+    assert layout.shared == {bias.format("encoder"): (0, 1, 2), bias.format("decoder"): (3, 4, 5)}
+    assert layout.block_of(bias.format("decoder")) == 3  # it still lives in (and is counted with) block 3
+    assert layout.blocks_using(bias.format("decoder")) == (3, 4, 5)
+    assert layout.blocks_using("encoder.block.1.layer.1.DenseReluDense.wi.weight") == (1,)
+    assert layout.blocks_using("shared.weight") == ()
+
+
+def test_a_relative_bias_in_every_block_is_not_shared():
+    # UMT5 gives every block its own relative attention bias: nothing is shared across blocks
+    model = nn.Module()
+    model.layers = nn.ModuleList(
+        nn.ModuleDict({"relative_attention_bias": nn.Embedding(4, 2), "ffn": nn.Linear(2, 2)}) for _ in range(3)
+    )
+    layout = find_blocks(model)
+    assert layout.shared == {}
+    assert layout.blocks_using("layers.2.relative_attention_bias.weight") == (2,)
+
+
 def test_t5_conditional_generation_layout():
     model = tiny_model("t5", num_layers=2, task="seq2seq")
     layout = find_blocks(model)
     assert layout.block_paths == ("encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1")
-    # lm_head is tied to `shared`: it appears once, as embeddings
+    # lm_head is tied to `shared`: it appears once, as head (the head trains in every stage)
     assert model.lm_head.weight is model.shared.weight
-    assert layout.names(EMBEDDINGS) == ["shared.weight"]
-    assert layout.names(HEAD) == ["encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
+    assert layout.tied_head == ("shared.weight",)
+    assert layout.names(EMBEDDINGS) == []
+    assert layout.names(HEAD) == ["shared.weight", "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
     assert_partition(model, layout)
+    # or, if asked, it follows the embeddings
+    layout = find_blocks(model, tied_head="embeddings")
+    assert layout.tied_head == ("shared.weight",)
+    assert layout.names(EMBEDDINGS) == ["shared.weight"]
+    assert_partition(model, layout)
+
+
+@pytest.mark.parametrize("arch, table", [("llama", "model.embed_tokens.weight"), ("qwen2", "model.embed_tokens.weight")])
+def test_tied_decoder_lm_heads_are_head(arch, table):
+    model = tiny_model(arch, num_layers=2, task="causal-lm", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_parameter(table)
+    layout = find_blocks(model)
+    assert layout.tied_head == (table,) and layout.groups[table] == HEAD
+    assert layout.names(EMBEDDINGS) == []
+    assert find_blocks(model, tied_head="embeddings").groups[table] == EMBEDDINGS
+    untied = find_blocks(tiny_model(arch, num_layers=2, task="causal-lm", tie_word_embeddings=False))
+    assert untied.tied_head == () and untied.groups[table] == EMBEDDINGS and untied.groups["lm_head.weight"] == HEAD
+    # a sequence classifier shares nothing with its head
+    assert find_blocks(tiny_model(arch, num_layers=2)).tied_head == ()
+
+
+def test_unknown_tied_head_choice_is_one_line():
+    with pytest.raises(ProgtuningError, match="unknown tied_head 'blocks': use one of head, embeddings"):
+        find_blocks(tiny_model("gpt2", num_layers=2, task="causal-lm"), tied_head="blocks")
 
 
 def test_gpt2_lm_head_tied_and_untied():
     tied = tiny_model("gpt2", num_layers=2, task="causal-lm")
     layout = find_blocks(tied)
     assert tied.lm_head.weight is tied.transformer.wte.weight
-    assert "lm_head.weight" not in layout.groups  # tied: listed once, under the embeddings
-    assert layout.names(EMBEDDINGS) == ["transformer.wte.weight", "transformer.wpe.weight"]
+    assert "lm_head.weight" not in layout.groups  # tied: listed once, under its first name, as head
+    assert layout.names(EMBEDDINGS) == ["transformer.wpe.weight"]
+    assert layout.names(HEAD) == ["transformer.wte.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+    assert layout.tied_head == ("transformer.wte.weight",)
+    assert_partition(tied, layout)
     untied = tiny_model("gpt2", num_layers=2, task="causal-lm", tie_word_embeddings=False)
     layout = find_blocks(untied)
     assert layout.names(HEAD) == ["transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]

@@ -218,7 +218,8 @@ def test_resume_in_stage_one_matches_uninterrupted_run(tmp_path):
     assert [(c.stage, c.previous) for c in callback.changes] == [(1, None)]
     assert [(r["stage"], r["start_step"], r["end_step"]) for r in callback.stage_records()] == [(1, 6, 8)]
     got = _params(resumed.model)
-    # CPU, fixed seeds, a seedable sampler, restored RNG and optimizer state: bit-identical.
+    # CPU, fixed seeds, a seedable sampler, restored RNG and optimizer state: bit-identical, because the
+    # resumed steps replay the very same kernels on the very same data in this process.
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
     assert not any(p.requires_grad for n, p in resumed.model.named_parameters()
@@ -287,6 +288,8 @@ def test_parity_trainer_callback_vs_plain_loop(tmp_path):
     expected = _plain_loop(dataset, epochs=2, batch_size=4)
     got = _params(trainer.model)
     assert got.keys() == expected.keys()
+    # Bit-identical by construction: one process, the same model class, seed, batches and optimizer, so
+    # the two runs execute the same kernels on the same data; any difference is a difference in what runs.
     mismatched = [n for n in expected if not torch.equal(got[n], expected[n])]
     assert mismatched == []
     # and the run really was progressive: blocks 0-1 differ from a run without freezing

@@ -188,7 +188,7 @@ def test_tied_weights_counted_once():
     assert accounting.total_params == sum(p.numel() for p in model.parameters())
     assert accounting.total_params < sum(t.numel() for t in model.state_dict().values())  # lm_head.weight again
     assert [s.trainable_params for s in accounting.stages] == [30_720, wte + wpe + block + ln_f]
-    assert accounting.head_params == ln_f
+    assert accounting.head_params == wte + ln_f  # the tied lm_head is the head: counted once, there
 
 
 def test_counts_stay_inside_the_method_trainable_set():

@@ -23,13 +23,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from float_tolerance import adam_drift_tolerance
 from tiny_run import TESTS, final_weights, make_tiny_setup, subprocess_env, train_argv
 
 from progtuning.core.distributed import DistributedFreezer, check_trainer_parallelism, refuse_unsupported_parallelism
 from progtuning.errors import ProgtuningError
 from progtuning.core.schedule import no_progtuning, progressive
 
-TOLERANCE = 1e-5
+# 18 AdamW steps at lr 1e-3 (ddp_worker); one and two processes sum the gradients in another order
+TOLERANCE = adam_drift_tolerance(steps=18, lr=1e-3)
 RUNS = [
     "trainer:shrink",
     "trainer:grow",
@@ -89,6 +91,7 @@ def test_two_processes_match_one_process(two_processes, one_process, spec):
     rank0, rank1, info = _load(two_processes, spec)
     reference, reference_info = one_process[spec.replace(":acc2", "")]
     assert info["world_size"] == 2 and reference_info["world_size"] == 1
+    # bit-identical by construction: every rank steps with the same all-reduced gradient
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the ranks' weights differ"
     assert _max_diff(rank0, reference) < TOLERANCE
     if spec.startswith("trainer"):
@@ -140,7 +143,7 @@ def test_progtuning_train_under_torchrun_stops_resumes_and_matches_one_process(t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((two / "results.json").read_text())
     assert results["steps"] == 24
-    assert _max_diff(final_weights(two), final_weights(tmp_path / "one")) < TOLERANCE
+    assert _max_diff(final_weights(two), final_weights(tmp_path / "one")) < adam_drift_tolerance(steps=24, lr=1e-3)
 
 
 # -- what is refused, and the no-process-group path ------------------------------------------------------

@@ -188,7 +188,7 @@ def test_the_trainer_accepts_fsdp_only_when_every_block_is_a_unit(one_process_gr
 
 @needs_gloo
 def test_the_frozen_prefix_cache_refuses_a_sharded_model(one_process_group):
-    from progtuning.cache.prefix_cache import unsupported_reason
+    from progtuning.cache.prefix import unsupported_reason
 
     assert unsupported_reason(tiny_model("bert", num_layers=4)) is None
     reason = unsupported_reason(_sharded_bert())

@@ -33,6 +33,7 @@ from progtuning.methods.api import (
     save_method,
 )
 from progtuning.core.schedule import explicit, progressive
+from float_tolerance import assert_close_to_rounding, reordered_sum_tolerance
 
 warnings.filterwarnings("ignore", message=".*token_id must be.*")
 
@@ -459,6 +460,15 @@ def predict(model: nn.Module, inputs: dict) -> torch.Tensor:
         return model(input_ids=inputs["input_ids"]).logits
 
 
+def assert_same_predictions(got: torch.Tensor, expected: torch.Tensor, layers: int = 4) -> None:
+    """A reloaded model holds the same bits in other tensors (separately allocated or memory-mapped),
+    and a merged LoRA folds B·A·scale into W (one rounding per weight): the same math, possibly in
+    another BLAS code path. Allow reordering rounding over the blocks, the pooler and the head; a
+    weight left out of the reload moves the logits by orders of magnitude more."""
+    terms = _COMMON["intermediate_size"]  # the longest sum in a block
+    assert_close_to_rounding(got, expected, reordered_sum_tolerance(float(expected.abs().max()), terms, layers + 2))
+
+
 @pytest.fixture()
 def base_dir(tmp_path) -> Path:
     path = tmp_path / "base"
@@ -496,7 +506,7 @@ def test_save_and_reload_give_the_same_predictions(config, weights, base_dir, tm
 
     for base in (base_dir, fresh_base(base_dir)):  # a directory, or a freshly loaded model
         reloaded = load_method(base, out)
-        assert torch.allclose(predict(reloaded, inputs), expected, atol=1e-6)
+        assert_same_predictions(predict(reloaded, inputs), expected)
         if config.name != "full":
             assert trainable(reloaded) == trainable(model)  # ready to train on
 
@@ -526,11 +536,11 @@ def test_lora_reloads_merged_into_a_plain_model(base_dir, tmp_path):
     merged = load_method(base_dir, out, merge=True)
     assert type(merged) is T.BertForSequenceClassification
     assert not any("lora_" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
-    assert torch.allclose(predict(merged, inputs), expected, atol=1e-6)
+    assert_same_predictions(predict(merged, inputs), expected)
 
     unmerged = load_method(fresh_base(base_dir), out)
     assert isinstance(unmerged, peft.PeftModel)
-    assert torch.allclose(predict(unmerged, inputs), expected, atol=1e-6)
+    assert_same_predictions(predict(unmerged, inputs), expected)
 
 
 def test_a_saved_adapter_state_does_not_depend_on_the_current_stage(base_dir, tmp_path):
@@ -542,7 +552,7 @@ def test_a_saved_adapter_state_does_not_depend_on_the_current_stage(base_dir, tm
     freezer = ProgressiveFreezer(model, progressive(4, 2))
     freezer.apply(1)
     out = save_method(model, config, tmp_path / "out")
-    assert torch.allclose(predict(load_method(base_dir, out), bert_batch()), expected, atol=1e-6)
+    assert_same_predictions(predict(load_method(base_dir, out), bert_batch()), expected)
 
 
 def test_adapters_cannot_be_merged_and_missing_directories_are_named(base_dir, tmp_path):
@@ -579,7 +589,7 @@ def test_a_peft_config_file_brings_any_peft_method_with_the_head_trained(tmp_pat
     perturb_method_parameters(model)
     expected = predict(model, bert_batch())
     out = save_method(model, config, tmp_path / "out")
-    assert torch.allclose(predict(load_method(base_dir, out), bert_batch()), expected, atol=1e-6)
+    assert_same_predictions(predict(load_method(base_dir, out), bert_batch()), expected)
 
 
 def test_method_errors_are_one_line(tmp_path):
@@ -642,8 +652,8 @@ def test_save_and_reload_on_other_architectures(arch, task, config, merge, tmp_p
     expected = out(model)
     assert not torch.allclose(expected, out(auto.from_pretrained(tmp_path / "base")))
     saved = save_method(model, config, tmp_path / "out")
-    assert torch.allclose(out(load_method(tmp_path / "base", saved)), expected, atol=1e-6)
+    assert_same_predictions(out(load_method(tmp_path / "base", saved)), expected, layers=2)
     if merge:
         merged = load_method(tmp_path / "base", saved, merge=True)
         assert not isinstance(merged, peft.PeftModel)
-        assert torch.allclose(out(merged), expected, atol=1e-5)
+        assert_same_predictions(out(merged), expected, layers=2)

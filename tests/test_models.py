@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from float_tolerance import assert_close_to_rounding, reordered_sum_tolerance
 from progtuning.runs import models
 from progtuning.errors import ProgtuningError
 from progtuning.runs.models import MODEL_ALIASES, cache_root, fetch_model, resolve_model
@@ -83,7 +84,10 @@ def test_minilm_l3_conversion_matches_onnxruntime(l3_cache):
         got = bert(
             input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"])
         ).last_hidden_state.numpy()
-    assert np.abs(got - expected).max() < 1e-4
+    # onnxruntime and torch run the same math with their own kernels (their own summation order):
+    # rounding over 3 blocks whose longest sum is the FFN's 1536 terms
+    tolerance = reordered_sum_tolerance(float(np.abs(expected).max()), terms=config["intermediate_size"], depth=3)
+    assert_close_to_rounding(torch.from_numpy(got), torch.from_numpy(expected), tolerance)
 
 
 def test_minilm_l3_is_reused_not_reconverted(l3_cache, monkeypatch):

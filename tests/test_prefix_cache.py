@@ -10,7 +10,13 @@ import datasets
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import TINY_HIDDEN, tiny_config, tiny_model
+from float_tolerance import (
+    assert_close_to_rounding,
+    max_difference,
+    reordered_sum_tolerance,
+    sgd_drift_tolerance,
+)
 from progtuning.core.blocks import find_blocks
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer
@@ -21,6 +27,13 @@ from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.core.schedule import progressive
 
 PAD = {"roberta": 1, "xlm-roberta": 1}
+FFN = 64  # the tiny configs' intermediate size: the longest sum in a block
+
+
+def prefix_tolerance(values: torch.Tensor, depth: int) -> float:
+    """The cache computes the prefix in other batches, padded to other lengths, than the uncached
+    forward: the same math with sums in another order (another GEMM shape, more masked keys)."""
+    return reordered_sum_tolerance(float(values.detach().abs().max()), terms=FFN, depth=depth)
 
 
 def ragged_dataset(n: int = 12, seed: int = 1, pad_to: int | None = None) -> datasets.Dataset:
@@ -75,9 +88,11 @@ def test_cached_forward_equals_the_full_forward(arch):
     cache.activate(2)
     got = model(**batch, **{INDEX_COLUMN: index}).logits
     assert cache.hits == 1
-    assert torch.equal(got, expected)
+    # 4 blocks, the pooler and the classifier: 6 reductions between the cached states and the logits
+    assert_close_to_rounding(got, expected, prefix_tolerance(expected, depth=6))
     cache.close()
-    assert torch.equal(model(**batch).logits, expected)  # detached: the model is untouched
+    # the same forward on the same batch in this process: bit-identical, so the model is untouched
+    assert torch.equal(model(**batch).logits, expected)
 
 
 def test_pre_padded_examples_are_stored_unpadded():
@@ -93,7 +108,7 @@ def test_pre_padded_examples_are_stored_unpadded():
     cache.activate(1)
     got = model(**batch, **{INDEX_COLUMN: index}).logits
     assert cache.hits == 1
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert_close_to_rounding(got, expected, prefix_tolerance(expected, depth=5))  # 3 blocks, pooler, classifier
     cache.close()
 
 
@@ -120,10 +135,12 @@ def test_incremental_build_equals_a_build_from_scratch_and_lookup_is_keyed_by_ex
     scratch = FrozenPrefixCache(model, data, build_batch_size=7)
     scratch.extend_to(3)
     order = [5, 0, 11, 3]
-    assert torch.equal(step.lookup(order, 11), scratch.lookup(order, 11))
-    # keyed by example: the rows follow the requested order
+    stepwise = step.lookup(order, 11)
+    # built in batches of 3 and of 7 (other padded lengths): equal up to rounding over 3 blocks
+    assert_close_to_rounding(stepwise, scratch.lookup(order, 11), prefix_tolerance(stepwise, depth=3))
+    # keyed by example: the rows follow the requested order (the same stored values: bit-identical)
     reverse = step.lookup(order[::-1], 11)
-    assert torch.equal(reverse, step.lookup(order, 11).flip(0))
+    assert torch.equal(reverse, stepwise.flip(0))
     assert [b["from_level"] for b in step.builds] == [None, 0, 1, 2]
     step.close()
     scratch.close()
@@ -138,7 +155,8 @@ def test_memmap_storage_matches_memory_and_is_deleted(tmp_path):
     on_disk.extend_to(2)
     assert (in_ram.storage_kind, on_disk.storage_kind) == ("memory", "memmap")
     assert on_disk.path and os.path.exists(on_disk.path)
-    assert on_disk.nbytes == int(in_ram.lengths.sum()) * 32 * 4
+    assert on_disk.nbytes == int(in_ram.lengths.sum()) * TINY_HIDDEN * 4
+    # built by the same kernels from the same batches; only where the values are kept differs
     assert torch.equal(in_ram.lookup(range(12), 11), on_disk.lookup(range(12), 11))
     path = on_disk.path
     on_disk.close()
@@ -151,13 +169,18 @@ def _data_and_collator():
     return data, ExampleIndexCollator(pad_collate())
 
 
-def _train(model, data, collator, callbacks, tmp_path, epochs=4, lr=1e-2, batch_size=4):
+def _train(model, data, collator, callbacks, tmp_path, epochs=4, lr=1e-1, batch_size=4):
+    """Train with plain SGD. The cached and the uncached run differ by rounding in the prefix, and
+    Adam would blow that up: an attention key bias has a gradient that is zero by construction
+    (softmax ignores a shift of a whole row), so what is computed is rounding noise, which Adam
+    normalises into steps of up to lr (measured: 3e-5 apart after 16 steps with AVX2 kernels).
+    SGD keeps rounding at rounding size, so the runs can be compared tightly."""
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
-        save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, remove_unused_columns=False,
-        logging_strategy="no", disable_tqdm=True,
+        optim="sgd", save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+        remove_unused_columns=False, logging_strategy="no", disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks).train()
     return model
@@ -171,6 +194,7 @@ def test_trainer_run_with_the_cache_gives_the_same_weights(tmp_path):
     results = []
     for use_cache in (False, True):
         model = tiny_model("bert", num_layers=4, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
         data, collator = _data_and_collator()
         progtuning = ProgtuningCallback(progressive(4, 4, "never"))
         cache = FrozenPrefixCache(model, data, build_batch_size=5) if use_cache else None
@@ -182,8 +206,11 @@ def test_trainer_run_with_the_cache_gives_the_same_weights(tmp_path):
     assert [r["level"] for r in callback.records] == [None, 1, 2, 3]
     assert cache.hits == 12 and cache.misses == 0  # stages 2-4, 4 steps each
     assert [b["from_level"] for b in cache.builds] == [None, 1, 2]  # incremental after the first
-    worst = max((plain[k] - cached[k]).abs().max().item() for k in plain)
-    assert worst <= 1e-6  # bit-identical here (0.0); BLAS may round differently on other shapes
+    # Cached states come from other batches padded to other lengths: the same math in another order.
+    # Bit-identical with AVX-512 kernels, 4e-9 apart with AVX2 ones; a wrong example or dropout mask
+    # would move the weights by ~lr·|g|, like the run itself does.
+    drift, moved = max_difference(plain, cached), max_difference(plain, initial)
+    assert drift <= sgd_drift_tolerance(16, plain) < moved / 100
     assert cache.level is None  # closed at train end
 
 
@@ -206,6 +233,16 @@ def _switch(model, policy="never", eval_frozen=True, stage=1, collator=None, arg
 
 def test_off_while_the_embeddings_train(caplog):
     record = _switch(tiny_model("bert"), policy="always")
+    assert record["cache"] is False and "embeddings train in stage 1" in record["reason"]
+
+
+def test_off_while_a_head_tied_to_the_word_embeddings_trains():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config("bert"))  # its decoder is the word-embedding table
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    record = _switch(model, policy="never")  # the head (and so the table) trains in every stage
     assert record["cache"] is False and "embeddings train in stage 1" in record["reason"]
 
 
@@ -360,14 +397,16 @@ def test_no_autograd_graph_below_the_lowest_trainable_block():
 @pytest.mark.slow
 def test_real_task_naive_no_grad_and_cached_prefix_train_identically(tmp_path):
     """MiniLM-L6 on rotten-tomatoes (32 examples, T=3, embeddings never trained, dropout 0.1 in the
-    trainable blocks). Three runs on one seed must end with bit-identical weights: naive (autograd
-    forced through the frozen prefix), no-grad prefix (what PyTorch does by itself once nothing
-    below block k requires grad), and the frozen-prefix cache.
+    trainable blocks), three runs on one seed: naive (autograd forced through the frozen prefix),
+    no-grad prefix (what PyTorch does by itself once nothing below block k requires grad), and the
+    frozen-prefix cache.
 
-    Examples are padded to one length (as SQuAD features are). With dynamic padding the cached
-    run drifts by rounding only: a prefix run over 16 masked pad keys instead of 3 sums its
-    attention in another order (~1e-6 in the states; measured: weights 2e-5 apart after 36 steps
-    at lr 5e-4), the same kind of difference as putting the example in another batch."""
+    Naive and no-grad run the same kernels on the same batches: bit-identical weights. The cache
+    computes the prefix in other batches (16 at a time, in dataset order), which is the same math
+    per example but not necessarily the same rounding on every CPU, so it is held to SGD's rounding
+    drift (see ``_train``). Examples are padded to one length (as SQuAD features are); with dynamic
+    padding a prefix run over 16 masked pad keys instead of 3 also sums its attention in another
+    order (~1e-6 in the states)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
     from progtuning.tasks.builtin import load_builtin
@@ -395,11 +434,14 @@ def test_real_task_naive_no_grad_and_cached_prefix_train_identically(tmp_path):
         progtuning = ProgtuningCallback(progressive(6, 3, "never"))
         cache = FrozenPrefixCache(model, train, build_batch_size=16) if mode == "cached" else None
         callback = PrefixCacheCallback(progtuning, cache, close_at_end=False)
-        _train(model, train, collator, [progtuning, callback], tmp_path / mode, epochs=3, lr=5e-4, batch_size=8)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        _train(model, train, collator, [progtuning, callback], tmp_path / mode, epochs=3, lr=1e-1, batch_size=8)
         finals[mode] = {k: v.clone() for k, v in model.state_dict().items()}
         caches[mode] = cache
     assert caches["cached"].hits == 8 and caches["cached"].misses == 0  # stages 2 and 3, 4 steps each
     caches["cached"].close()
-    for mode in ("no-grad", "cached"):
-        worst = max((finals["naive"][k] - finals[mode][k]).abs().max().item() for k in finals["naive"])
-        assert worst == 0.0, f"{mode} differs from the naive run by {worst}"
+    naive = finals["naive"]
+    mismatched = [k for k in naive if not torch.equal(naive[k], finals["no-grad"][k])]
+    assert mismatched == [], f"no-grad differs from the naive run in {mismatched[:3]}"
+    drift, moved = max_difference(naive, finals["cached"]), max_difference(naive, initial)
+    assert drift <= sgd_drift_tolerance(12, naive) < moved / 100, (drift, moved)

@@ -102,7 +102,8 @@ class PrefixCacheCallback(TrainerCallback):
             return record
         groups = freezer.layout.groups
         names = freezer.stage_names(stage)
-        train_embeddings = any(groups[n] == EMBEDDINGS for n in names)
+        # a head tied to the input embeddings (trained as head) changes the embedding table too
+        train_embeddings = any(groups[n] == EMBEDDINGS or n in freezer.layout.tied_head for n in names)
         trained_blocks = sorted({groups[n] for n in names if isinstance(groups[n], int)})
         level = trained_blocks[0] if trained_blocks else freezer.layout.num_blocks
         # anything in (or below) the stored prefix that trains again makes the stored states stale

@@ -17,6 +17,17 @@ How it decides, in order:
 3. **Embeddings** are all the rest: token/position embeddings and their norm, embedding
    projections (ELECTRA), and tables shared by every block (MPNet's relative attention bias).
 
+Two kinds of parameter serve more than the place they live in:
+
+* **A tied output embedding** (GPT-2's ``lm_head`` ↔ ``wte``, tied Llama/Qwen2 ``lm_head`` ↔
+  ``embed_tokens``, T5's ``lm_head`` ↔ ``shared``) is one tensor that is both the input table and
+  the head. It is grouped as **head** (``tied_head="head"``, the default): the head trains in every
+  stage, so it keeps training and is counted once, as head. ``tied_head="embeddings"`` makes it
+  follow the embedding policy instead. :attr:`BlockLayout.tied_head` names it either way.
+* **A table one block holds for its whole stack**: T5 computes its relative attention bias in
+  block 0 of each stack and hands it to every later block. It stays in block 0's group, and
+  :attr:`BlockLayout.shared` lists the blocks that use it: it trains while any of them trains.
+
 Tied weights appear once, under their first name (``named_parameters`` de-duplicates them).
 ALBERT shares one block across all layers, so it cannot be frozen part by part: it is refused.
 """
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Literal, Sequence, Union
 
 from torch import nn
 
@@ -34,6 +45,8 @@ from progtuning.errors import ProgtuningError
 Group = Union[str, int]  # "embeddings", "head" or a block index
 EMBEDDINGS = "embeddings"
 HEAD = "head"
+TiedHead = Literal["head", "embeddings"]
+TIED_HEAD_CHOICES: tuple[str, ...] = ("head", "embeddings")
 
 # Module names that put a parameter on the output side of the block stack.
 HEAD_MODULE_NAMES = frozenset(
@@ -60,6 +73,10 @@ HEAD_MODULE_NAMES = frozenset(
 # (ModernBERT's `embeddings.norm`).
 EMBEDDING_MODULE_NAMES = frozenset({"embeddings"})
 
+# A parameter whose module has this name, found in the first block of a stack only, is a table that
+# block computes once for the whole stack (T5, mT5, LongT5; UMT5 gives every block its own).
+STACK_SHARED_MODULE_NAMES = frozenset({"relative_attention_bias"})
+
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -67,10 +84,21 @@ class BlockLayout:
 
     block_paths: tuple[str, ...]  # module path of each block, bottom to top
     groups: dict[str, Group] = field(repr=False)
+    # parameters one block holds and several blocks use (T5's relative attention bias) -> those blocks
+    shared: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    # input embeddings that are also the output head (tied weights), whichever group they are in
+    tied_head: tuple[str, ...] = ()
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_paths)
+
+    def blocks_using(self, name: str) -> tuple[int, ...]:
+        """The blocks that need parameter ``name`` to train: its own block, or every block its table serves."""
+        if name in self.shared:
+            return self.shared[name]
+        block = self.block_of(name)
+        return () if block is None else (block,)
 
     def names(self, group: Group) -> list[str]:
         return [name for name, g in self.groups.items() if g == group]
@@ -93,13 +121,17 @@ def find_blocks(
     model: nn.Module,
     blocks: str | Sequence[str] | None = None,
     head: Iterable[str] = (),
+    tied_head: TiedHead = "head",
 ) -> BlockLayout:
     """Locate the embeddings, the ordered blocks and the head of ``model``.
 
     ``blocks`` overrides discovery with one dotted module path (or several, concatenated in
     order) naming ``nn.ModuleList``\\ s of blocks, relative to ``model`` or to the model peft wraps.
-    ``head`` adds module names (path components) that count as head.
+    ``head`` adds module names (path components) that count as head. ``tied_head`` places an input
+    embedding tied to the output head: with the head (trained in every stage) or with the embeddings.
     """
+    if tied_head not in TIED_HEAD_CHOICES:
+        raise ProgtuningError(f"unknown tied_head {tied_head!r}: use one of {', '.join(TIED_HEAD_CHOICES)}")
     _refuse_shared_blocks(model)
     if blocks is not None:
         paths = [blocks] if isinstance(blocks, str) else list(blocks)
@@ -108,10 +140,45 @@ def find_blocks(
         stacks = _discover_stacks(model)
     block_paths = tuple(f"{prefix}.{i}" for prefix, stack in stacks for i in range(len(stack)))
     index_of = {path: i for i, path in enumerate(block_paths)}
+    user_head = set(head)
     groups: dict[str, Group] = {}
     for name, _ in model.named_parameters():
-        groups[name] = _group_of(name, index_of, set(head))
-    return BlockLayout(block_paths=block_paths, groups=groups)
+        groups[name] = _group_of(name, index_of, user_head)
+    tied = _tied_heads(model, index_of, user_head)
+    for name in tied:
+        groups[name] = HEAD if tied_head == "head" else EMBEDDINGS
+    shared = _stack_shared(groups, stacks)
+    return BlockLayout(block_paths=block_paths, groups=groups, shared=shared, tied_head=tied)
+
+
+def _tied_heads(model: nn.Module, index_of: dict[str, int], user_head_names: set[str]) -> tuple[str, ...]:
+    """Names (as ``named_parameters`` lists them) of tensors that are both an input embedding and the head."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    tied = []
+    for names in aliases.values():
+        groups = {_group_of(name, index_of, user_head_names) for name in names}
+        if len(names) > 1 and groups == {EMBEDDINGS, HEAD}:
+            tied.append(names[0])  # the first name is the one named_parameters() keeps
+    return tuple(tied)
+
+
+def _stack_shared(groups: dict[str, Group], stacks: list[tuple[str, nn.ModuleList]]) -> dict[str, tuple[int, ...]]:
+    """Tables that only the first block of a stack holds and every block of it uses (T5's position bias)."""
+    shared: dict[str, tuple[int, ...]] = {}
+    first = 0
+    for _, stack in stacks:
+        stack_blocks = tuple(range(first, first + len(stack)))
+        first += len(stack)
+        holders = {
+            name: block
+            for name, block in groups.items()
+            if block in stack_blocks and STACK_SHARED_MODULE_NAMES & set(name.split(".")[:-1])
+        }
+        if holders and set(holders.values()) == {stack_blocks[0]} and len(stack_blocks) > 1:
+            shared.update({name: stack_blocks for name in holders})
+    return shared
 
 
 def _group_of(name: str, index_of: dict[str, int], user_head_names: set[str]) -> Group:

@@ -5,7 +5,8 @@ Drop it into any ``Trainer``::
     trainer = Trainer(model, args, train_dataset=..., callbacks=[ProgtuningCallback()])
 
 * The freezer is built at ``on_train_begin``, after the Trainer created its optimizer over
-  every parameter that requires grad — nothing is frozen before that.
+  every parameter that requires grad — nothing is frozen before that. A run in which some
+  stage would get no optimizer step is refused there, in one line.
 * The stage is re-derived from ``state.global_step`` before every optimizer update
   (``on_step_begin`` runs once per update, so gradient accumulation is respected), which also
   makes ``resume_from_checkpoint`` re-apply the right stage.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
-from progtuning.core.blocks import find_blocks
+from progtuning.core.blocks import TiedHead, find_blocks
 from progtuning.core.distributed import check_trainer_parallelism
 from progtuning.core.fsdp import ShardedFreezer, is_sharded
 from progtuning.errors import ProgtuningError
@@ -66,8 +67,10 @@ class ProgtuningCallback(TrainerCallback):
     """Progressive freezing for the HF Trainer.
 
     Give a ready :class:`Schedule`, or let the callback build the paper's preset from the model
-    at train start: ``num_stages`` parts (default: the run's number of epochs), the embedding
-    policy and the stage unit.
+    at train start: ``num_stages`` parts (default: the run's number of epochs) with equal shares of
+    the run, the embedding policy and the stage unit. ``tied_head`` places an input embedding tied to the output head
+    (GPT-2, tied Llama/Qwen2, T5 LM heads): "head" trains it in every stage, "embeddings" makes it
+    follow the embedding policy.
     """
 
     def __init__(
@@ -79,6 +82,8 @@ class ProgtuningCallback(TrainerCallback):
         unit: Unit = "epoch",
         blocks: str | list[str] | None = None,
         eval_frozen_blocks: bool = True,
+        tied_head: TiedHead = "head",
+        allow_empty_stages: bool = False,
     ) -> None:
         self.schedule = schedule
         self.num_stages = num_stages
@@ -86,6 +91,9 @@ class ProgtuningCallback(TrainerCallback):
         self.unit = unit
         self.blocks = blocks
         self.eval_frozen_blocks = eval_frozen_blocks
+        self.tied_head = tied_head
+        # only for runs that time a few steps on purpose (progtuning bench): a stage never reached
+        self.allow_empty_stages = allow_empty_stages
         self.freezer: ProgressiveFreezer | None = None
         self.distributed_mode: str | None = None  # "single", "ddp" or "fsdp", set at train start
         self.steps_per_epoch = 1
@@ -97,12 +105,14 @@ class ProgtuningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.total_steps = state.max_steps
         self.steps_per_epoch = _updates_per_epoch(train_dataloader, args, state)
-        layout = find_blocks(model, blocks=self.blocks)
+        layout = find_blocks(model, blocks=self.blocks, tied_head=self.tied_head)
         if self.schedule is None:
             # The run's epochs as the Trainer counts them (max_steps wins over num_train_epochs).
-            epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-            stages = self.num_stages or max(1, epochs)
-            self.schedule = progressive(layout.num_blocks, stages, self.embeddings, self.unit)
+            epochs = self.total_steps / self.steps_per_epoch
+            stages = self.num_stages or max(1, math.ceil(epochs))
+            self.schedule = progressive(layout.num_blocks, stages, self.embeddings, self.unit, epochs=epochs or None)
+        if not self.allow_empty_stages:
+            self.schedule.check_every_stage_runs(self.steps_per_epoch, self.total_steps)
         if self.freezer is not None:
             # A second train(): hand back what the last run froze, or the new freezer would take it
             # for frozen by the method and never train it again.

@@ -7,7 +7,9 @@ The reduction is one minus their ratio. It is given twice: over everything the m
 over block parameters only (the embeddings and head excluded), which is the part Progtuning acts on.
 
 Stage lengths come in any unit (epochs for a plan, optimizer steps for a real run); they are
-converted to epochs so that numbers from plans and runs compare. Tied weights count once.
+converted to epochs so that numbers from plans and runs compare. Tied weights count once: a tied
+output embedding as head (see :mod:`progtuning.core.blocks`). A table one block keeps for its whole
+stack (T5's relative attention bias) counts in every stage where a block it serves trains.
 
 For BERT-base with T=3 stages, embeddings always trained: 25.9% (blocks only: 33.3%).
 """

@@ -97,7 +97,10 @@ class ProgressiveFreezer:
         chosen = set()
         for name in self.method_trainable:
             group = self.layout.groups[name]
-            if group == HEAD or (group == EMBEDDINGS and stage.train_embeddings) or group in blocks:
+            if group == HEAD or (group == EMBEDDINGS and stage.train_embeddings):
+                chosen.add(name)
+            elif blocks.intersection(self.layout.blocks_using(name)):
+                # its own block, or any block served by a table it holds for its stack (T5)
                 chosen.add(name)
         return chosen
 

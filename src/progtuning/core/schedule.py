@@ -10,6 +10,12 @@ The paper's preset (:func:`progressive`) splits the L blocks into T parts of ⌊
 blocks, the leftover blocks going to the top part, and stage t trains parts t … T. Any other
 order — growing, top-down, custom — is an :func:`explicit` list of block sets.
 
+Given the run's length (``epochs``), the stages get equal shares of it: one epoch each when there
+are as many stages as epochs (the paper), E/T epochs each when T divides E, and otherwise equal
+shares of the optimizer steps (``unit="fraction"``): 6 epochs in 3 stages are 2 + 2 + 2 epochs, 2
+epochs in 3 stages a third of the steps each. A run too short to give every stage a step is
+refused (:meth:`Schedule.check_every_stage_runs`), never trained with a stage left out.
+
 Example::
 
     >>> s = progressive(num_blocks=12, num_stages=3)
@@ -86,6 +92,24 @@ class Schedule:
         starts = self.stage_starts(steps_per_epoch, total_steps) + [total_steps]
         return [max(0, starts[i + 1] - starts[i]) for i in range(self.num_stages)]
 
+    def check_every_stage_runs(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Refuse, in one line, a run in which some stage would get no optimizer step."""
+        lengths = self.stage_lengths(steps_per_epoch, total_steps)
+        if total_steps < 1 or all(lengths):
+            return
+        empty = lengths.index(0)
+        if self.unit == "fraction":
+            raise ProgtuningError(
+                f"stage {empty} of {self.num_stages} would get no optimizer step: the run has only {total_steps} "
+                f"step(s); use at most {total_steps} stages (--stages) or a longer run"
+            )
+        start = self.stages[empty].start
+        raise ProgtuningError(
+            f"stage {empty} starts at epoch {start:g}, but the run ends after {total_steps / steps_per_epoch:.3g} "
+            f"epoch(s) ({total_steps} optimizer steps), so it would never train: use fewer stages (--stages), "
+            "stage_unit fraction, or a longer run"
+        )
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -148,10 +172,30 @@ def _embedding_flags(policy: str, num_stages: int) -> list[bool]:
     return [False] * num_stages
 
 
-def _default_starts(num_stages: int, unit: str) -> list[float]:
-    if unit == "epoch":
-        return [float(i) for i in range(num_stages)]
-    return [i / num_stages for i in range(num_stages)]
+def equal_shares(num_stages: int, unit: str = "epoch", epochs: float | None = None) -> tuple[str, list[float]]:
+    """The unit and the starts that give ``num_stages`` stages equal shares of a run of ``epochs`` epochs.
+
+    Without ``epochs`` an epoch schedule starts one stage per epoch (the paper). With it, a stage lasts
+    ``epochs / num_stages`` epochs when that is a whole number, and otherwise the same number of
+    optimizer steps (fractions of the run): never 1 + 1 + 4 epochs, never an empty last stage.
+    """
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ProgtuningError(f"a run needs a positive, finite number of epochs, got {epochs}")
+    fractions = [i / num_stages for i in range(num_stages)]
+    if unit != "epoch" or num_stages < 1:  # (no stage at all is refused by the schedule's validation)
+        return unit, fractions
+    if epochs is None:
+        return "epoch", [float(i) for i in range(num_stages)]
+    per_stage = epochs / num_stages
+    if per_stage.is_integer():
+        return "epoch", [float(i * per_stage) for i in range(num_stages)]
+    return "fraction", fractions
+
+
+def _starts(num_stages: int, unit: str, starts: Sequence[float] | None, epochs: float | None) -> tuple[str, list[float]]:
+    if starts is not None:
+        return unit, list(starts)  # the caller's own starts, in the caller's unit
+    return equal_shares(num_stages, unit, epochs)
 
 
 def progressive(
@@ -160,11 +204,16 @@ def progressive(
     embeddings: EmbeddingPolicy = "always",
     unit: Unit = "epoch",
     starts: Sequence[float] | None = None,
+    epochs: float | None = None,
 ) -> Schedule:
-    """The paper's schedule: stage t trains parts t … T (T = ``num_stages``, usually the epochs)."""
+    """The paper's schedule: stage t trains parts t … T (T = ``num_stages``, usually the epochs).
+
+    ``epochs``, the run's length, spreads the stages over it in equal shares (see :func:`equal_shares`);
+    ``starts`` sets them by hand instead.
+    """
     parts = split_into_parts(num_blocks, num_stages)
     flags = _embedding_flags(embeddings, num_stages)
-    starts = list(starts) if starts is not None else _default_starts(num_stages, unit)
+    unit, starts = _starts(num_stages, unit, starts, epochs)
     stages = tuple(
         Stage(
             index=t,
@@ -185,14 +234,16 @@ def explicit(
     embeddings: EmbeddingPolicy = "always",
     unit: Unit = "epoch",
     starts: Sequence[float] | None = None,
+    epochs: float | None = None,
 ) -> Schedule:
     """Any order: ``stages[t]`` is the set of block indices trained in stage t.
 
     ``explicit(12, [[9, 10, 11], range(6, 12), range(12)])`` grows top-down, ULMFiT style.
+    ``epochs`` and ``starts`` place the stages as in :func:`progressive`.
     """
     block_sets = [tuple(sorted(set(int(b) for b in blocks))) for blocks in stages]
     flags = _embedding_flags(embeddings, len(block_sets))
-    starts = list(starts) if starts is not None else _default_starts(len(block_sets), unit)
+    unit, starts = _starts(len(block_sets), unit, starts, epochs)
     built = tuple(
         Stage(
             index=t,

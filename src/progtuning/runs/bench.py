@@ -297,7 +297,9 @@ def _trainer_step_times(
 
     callbacks: list = [Timer()]
     if with_callback:
-        callbacks.insert(0, ProgtuningCallback(progressive(config.layers, config.stages, "always")))
+        # a few timed steps of stage 0: the later stages are never reached, on purpose
+        schedule = progressive(config.layers, config.stages, "always")
+        callbacks.insert(0, ProgtuningCallback(schedule, allow_empty_stages=True))
     args = TrainingArguments(
         output_dir=output_dir, max_steps=config.overhead_steps, num_train_epochs=config.stages,
         per_device_train_batch_size=config.batch, learning_rate=1e-5, save_strategy="no", report_to=[],

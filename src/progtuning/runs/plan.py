@@ -38,10 +38,11 @@ def build_plan(
         net = _model_from_config(config, task_type)
         net = apply_method(net, MethodConfig(name=method), task_type=task_type)
     layout = find_blocks(net, blocks=blocks)
+    # equal shares of the run, as `progtuning train` spreads the stages
     if stage_blocks:
-        schedule = explicit(layout.num_blocks, stage_blocks, embeddings, unit)
+        schedule = explicit(layout.num_blocks, stage_blocks, embeddings, unit, epochs=epochs)
     else:
-        schedule = progressive(layout.num_blocks, stages or epochs, embeddings, unit)
+        schedule = progressive(layout.num_blocks, stages or epochs, embeddings, unit, epochs=epochs)
     freezer = ProgressiveFreezer(net, schedule, layout, eval_frozen_blocks=False)
     accounting = plan_updates(freezer, epochs)
     groups = layout.summary(net)
@@ -53,7 +54,7 @@ def build_plan(
         "block_paths": list(layout.block_paths),
         "epochs": epochs,
         "embeddings": embeddings,
-        "unit": unit,
+        "unit": schedule.unit,
         "parts": _parts(schedule),
         "stages": [
             {

@@ -217,11 +217,15 @@ def build_schedule(config: TrainConfig, num_blocks: int) -> Schedule:
     """The schedule a config asks for: the paper's preset, explicit stages, or none (baseline)."""
     if not config.progtuning:
         return no_progtuning(num_blocks)
+    # The stages share the run equally: T = the number of epochs gives one epoch each (the paper),
+    # another T gives E/T epochs each or, when T does not divide E, equal shares of the optimizer steps.
+    # A max_steps run is measured in steps, not epochs: its stages start one per epoch (stage_unit
+    # fraction shares its steps), and a run too short for them is refused when training starts.
+    epochs = config.epochs if config.max_steps <= 0 else None
     if config.stage_blocks:
-        return explicit(num_blocks, config.stage_blocks, config.embeddings, config.stage_unit)
-    # The paper: T = the number of epochs. (A max_steps run is better served by stage_unit: fraction.)
+        return explicit(num_blocks, config.stage_blocks, config.embeddings, config.stage_unit, epochs=epochs)
     stages = config.stages or max(1, math.ceil(config.epochs))
-    return progressive(num_blocks, stages, config.embeddings, config.stage_unit)
+    return progressive(num_blocks, stages, config.embeddings, config.stage_unit, epochs=epochs)
 
 
 # --------------------------------------------------------------------------------------------
