@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--embeddings", default="always", help="always | first_stage | never")
     plan.add_argument("--unit", default="epoch", help="epoch | fraction")
     plan.add_argument("--method", default="full", choices=list(METHODS), help="fine-tuning method (its default settings)")
+    plan.add_argument("--method-head", default="classifier", choices=["classifier", "classifier+pooler"],
+                      help="the part of the head a PEFT method trains (full fine-tuning trains everything)")
     plan.add_argument("--num-labels", type=int, default=2)
     plan.add_argument("--blocks", help="dotted path of the block list, for unknown layouts")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -200,6 +202,7 @@ def _plan(args, rest: list[str]) -> int:
         embeddings=args.embeddings,
         unit=args.unit,
         method=args.method,
+        method_head=args.method_head,
         num_labels=args.num_labels,
         blocks=args.blocks,
     )
