@@ -77,6 +77,8 @@ class Results(TypedDict, total=False):
     accounting: dict  # Accounting.to_dict()
     prefix_cache: dict  # per-stage cache records, hits, misses
     train_time_s: float  # the Trainer's loop, per-epoch validation included
+    per_example: dict  # split -> {"labels": [...], "outputs": [...]} (logits, or scores for regression); QA: {}
+    validation_curve: list  # [{epoch, step, train_time_s, score}] after each epoch; train_time_s excludes evaluation
     wall_time_s: float  # the whole run
     peak_rss_mb: float  # the process's peak resident memory
     log_history: list  # the Trainer's log

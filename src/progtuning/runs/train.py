@@ -36,6 +36,7 @@ from progtuning.cache.data import ExampleIndexCollator, add_example_index, input
 from progtuning.cache.prefix import unsupported_reason
 from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.runs.config import TrainConfig
+from progtuning.runs.validation_curve import ValidationCurve
 from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
 from progtuning.errors import ProgtuningError
@@ -204,6 +205,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     cache_callback = PrefixCacheCallback(callback, cache)  # after the Progtuning callback: the stage is set
 
     evaluate_each_epoch = task.evaluates_each_epoch and "validation" in features.eval
+    curve = ValidationCurve(task.main_metric if evaluate_each_epoch else None)
     trainer = ProgtuningTrainer(
         model=model,
         args=_training_arguments(config, output_dir, evaluate_each_epoch, keep_all_columns=cache is not None),
@@ -212,17 +214,21 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
-        callbacks=[callback, telemetry, cache_callback],
+        callbacks=[callback, telemetry, cache_callback, curve],
     )
     train_started = time.perf_counter()
     train_output = _fit(trainer, callback, config, output_dir, schedule, layout)
     train_time = time.perf_counter() - train_started
 
-    metrics = {split: task.evaluate(trainer, features, split) for split in features.eval}
+    metrics, outputs = {}, {}
+    for split in features.eval:
+        metrics[split], split_outputs = task.evaluate_with_outputs(trainer, features, split)
+        if split_outputs is not None:
+            outputs[split] = split_outputs
     if config.save_model and trainer.is_world_process_zero():
         _save(model, tokenizer, config, output_dir)
-    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, telemetry, cache_callback)
-    return _results(prepared, run, metrics)
+    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, telemetry, cache_callback, curve)
+    return _results(prepared, run, metrics, outputs)
 
 
 @dataclass
@@ -237,9 +243,10 @@ class _Trained:
     callback: ProgtuningCallback
     telemetry: StageTelemetry
     cache_callback: PrefixCacheCallback
+    curve: ValidationCurve
 
 
-def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
+def _results(prepared: Prepared, run: _Trained, metrics: dict, outputs: dict) -> dict:
     """The results.json mapping (its keys: :class:`progtuning.runs.results.Results`)."""
     config, task, schedule, state = prepared.config, prepared.task, run.schedule, run.trainer.state
     steps_per_epoch = run.callback.steps_per_epoch
@@ -287,6 +294,10 @@ def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
             "misses": cache.misses if cache else 0,
         },
         "train_time_s": round(run.train_time, 2),
+        # What paired statistics need: each example's output (bootstrap over examples), and the
+        # validation score after each epoch against training time so far (time to reach a score).
+        "per_example": outputs,
+        "validation_curve": run.curve.points,
         "log_history": state.log_history,
     }
 
