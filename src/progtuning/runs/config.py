@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
+from progtuning.core.lr_schedule import LR_SCHEDULES
 from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
 from progtuning.errors import ProgtuningError
 from progtuning.methods.config import METHOD_HELP, MethodConfig, MethodSettings
@@ -85,7 +86,9 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)
     learning_rate: float = _help("peak learning rate (AdamW, linear decay)", 5e-5)
     weight_decay: float = _help("AdamW weight decay", 0.01)
-    warmup_ratio: float = _help("fraction of steps for linear warm-up", 0.0)
+    warmup_ratio: float = _help("fraction of steps for linear warm-up (per_stage: of each stage's steps)", 0.0)
+    lr_schedule: str = _help("learning-rate schedule: run (one warm-up/decay for the run) | per_stage "
+                             "(restarted at every stage switch, over the stage's steps; one optimizer)", "run")
     batch_size: int = _help("training batch size per device", 32)
     eval_batch_size: int = _help("evaluation batch size", 64)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
@@ -111,6 +114,10 @@ class TrainConfig(MethodSettings, _WhatToTrain):
             raise ProgtuningError(f"unknown embeddings policy {self.embeddings!r}: use one of {', '.join(EMBEDDING_POLICIES)}")
         if self.stage_unit not in UNITS:
             raise ProgtuningError(f"unknown stage_unit {self.stage_unit!r}: use one of {', '.join(UNITS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ProgtuningError(f"unknown lr_schedule {self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ProgtuningError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.task_type not in ("classification", "regression"):
             raise ProgtuningError(f"unknown task_type {self.task_type!r}: use classification or regression")
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):

@@ -215,6 +215,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
         callbacks=[callback, telemetry, cache_callback, curve],
+        lr_scheduler_factory=_lr_scheduler_factory(config, callback),
     )
     train_started = time.perf_counter()
     train_output = _fit(trainer, callback, config, output_dir, schedule, layout)
@@ -300,6 +301,15 @@ def _results(prepared: Prepared, run: _Trained, metrics: dict, outputs: dict) ->
         "validation_curve": run.curve.points,
         "log_history": state.log_history,
     }
+
+
+def _lr_scheduler_factory(config: TrainConfig, callback: ProgtuningCallback):
+    """``lr_schedule: per_stage``: the warm-up/decay restarts at every stage; ``run``: the Trainer's own."""
+    if config.lr_schedule != "per_stage":
+        return None
+    from progtuning.core.lr_schedule import per_stage_lr_scheduler
+
+    return lambda optimizer, num_training_steps: per_stage_lr_scheduler(optimizer, callback, config.warmup_ratio)
 
 
 def _training_arguments(config: TrainConfig, output_dir: Path, evaluate_each_epoch: bool, keep_all_columns: bool):
