@@ -211,3 +211,26 @@ def test_probe_folders_are_reported_as_probes_not_as_sweep_runs(tmp_path):
     # a probe alone is a report too
     alone = build_report([probe_dir], tmp_path / "alone")
     assert alone["runs"] == 0 and "Per-block probe" in alone["markdown"].read_text()
+
+
+def test_each_arm_is_compared_with_the_baseline_it_names(tmp_path):
+    from progtuning.runs.results import write_json_atomic
+
+    def write(label, seed, score, compared_with):
+        path = tmp_path / "trec6" / "full" / label / f"seed{seed}" / "results.json"
+        path.parent.mkdir(parents=True)
+        mode = {"label": label, "method": "full", "baseline": label.startswith("base"), "compared_with": compared_with}
+        write_json_atomic(path, {"mode": mode, "seed": seed, "config": {"method": "full", "seed": seed},
+                                 "task": {"name": "trec6"}, "model": {"name": "tiny"}, "main_metric": "accuracy",
+                                 "test_score": score})
+
+    for seed in (0, 1):
+        write("base", seed, 0.80, None)
+        write("base-frozen-emb", seed, 0.70, "base")
+        write("prog", seed, 0.78, "base")
+        write("prog-emb-never", seed, 0.72, "base-frozen-emb")
+    rows = {r["mode"]: r for r in summarize_runs(load_runs([tmp_path]))}
+    assert set(rows) == {"base-frozen-emb", "prog", "prog-emb-never"}
+    assert (rows["prog"]["baseline"], rows["prog"]["diff"]) == ("base", pytest.approx(-0.02))
+    assert (rows["prog-emb-never"]["baseline"], rows["prog-emb-never"]["diff"]) == ("base-frozen-emb", pytest.approx(0.02))
+    assert (rows["base-frozen-emb"]["baseline"], rows["base-frozen-emb"]["diff"]) == ("base", pytest.approx(-0.10))

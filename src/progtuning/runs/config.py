@@ -16,6 +16,7 @@ once, in :class:`~progtuning.methods.config.MethodSettings`, and inherited here.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,10 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     stage_blocks: Optional[list] = _help("explicit stages: a list of block-index lists (growing, top-down, custom)")
     variant: Optional[str] = _help("name of this schedule variant (a sweep sets it): results.json records the "
                                    "run's mode as prog-<variant>")
+    variant_baseline: bool = _help("the variant is a cheap baseline, not a Progtuning arm (a sweep sets it): "
+                                   "its mode is base-<variant>, and arms may be compared with it", False)
+    compare_with: Optional[str] = _help("the baseline reports compare this run with: base (default) or "
+                                        "base-<variant> (a sweep sets it)")
     blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
     eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
     cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
@@ -110,6 +115,10 @@ class TrainConfig(MethodSettings, _WhatToTrain):
         self.method_config()  # the method's own checks (lora_r, adapter_type, peft_config_path, ...)
         if self.variant is not None and not self.variant.replace("-", "").replace("_", "").isalnum():
             raise ProgtuningError(f"variant {self.variant!r} must be letters, digits, - or _: it names the run's mode")
+        if self.variant_baseline and not self.variant:
+            raise ProgtuningError("variant_baseline needs a variant name: the run's mode is base-<variant>")
+        if self.compare_with is not None and not re.fullmatch(r"base(-[A-Za-z0-9_-]+)?", self.compare_with):
+            raise ProgtuningError(f"compare_with {self.compare_with!r} names no baseline: use base or base-<variant>")
         if self.embeddings not in EMBEDDING_POLICIES:
             raise ProgtuningError(f"unknown embeddings policy {self.embeddings!r}: use one of {', '.join(EMBEDDING_POLICIES)}")
         if self.stage_unit not in UNITS:

@@ -21,9 +21,10 @@ from progtuning.errors import ProgtuningError
 from progtuning.methods.registry import method_rank
 from progtuning.runs.results import PROBE_FILE, RESULTS_FILE, read_results
 
-# Runs are grouped by (model, task, method); inside a group the baseline runs (no Progtuning) are
-# compared with each Progtuning mode ("prog", or "prog-<variant>" from a sweep's variants), as
-# results.json records it (mode.label; older files: their sweep folder name, see runs.results). The
+# Runs are grouped by (model, task, method); inside a group each arm (a Progtuning mode: "prog", or
+# "prog-<variant>" from a sweep's variants; or a cheap baseline variant "base-<variant>") is compared
+# with the baseline its results.json names (mode.compared_with: "base", the runs without
+# Progtuning, unless the sweep named another; older files: their sweep folder name, see runs.results). The
 # score is the task's main metric on one split (default: test; no model selection ever looks at
 # it). Per group and mode: median and min–max over seeds, the difference of the medians, in how
 # many seeds (paired by seed) Progtuning scored at least the baseline, updated parameters (in
@@ -47,9 +48,10 @@ class Run:
     model: str
     task: str
     method: str
-    mode: str  # "base", "prog" or "prog-<variant>"
+    mode: str  # "base", "prog", "prog-<variant>" or "base-<variant>"
     seed: int
     metric: str
+    compared_with: str | None = None  # the label of this arm's baseline (None: the plain baseline itself)
 
     def score(self, split: str) -> float | None:
         key = "test_score" if split == "test" else "validation_score"
@@ -130,6 +132,7 @@ def _run(path: Path, results: dict) -> Run:
         mode=results["mode"]["label"],
         seed=int(results.get("seed", config.get("seed", 0))),
         metric=str(results.get("main_metric") or task.get("main_metric") or "score"),
+        compared_with=results["mode"].get("compared_with"),
     )
 
 
@@ -140,11 +143,11 @@ def summarize_runs(runs: list[Run], split: str = "test") -> list[dict]:
         groups.setdefault((run.model, run.task, run.method), {}).setdefault(run.mode, Side()).runs.append(run)
     rows = []
     for (model, task, method), sides in sorted(groups.items(), key=lambda kv: group_order(kv[0])):
-        base = sides.get("base", Side())
         modes = sorted(m for m in sides if m != "base") or [None]
         for mode in modes:
             prog = sides[mode] if mode else Side()
-            rows.append(_row(model, task, method, mode, base, prog, split))
+            baseline = (prog.runs[0].compared_with if prog.runs else None) or "base"
+            rows.append(_row(model, task, method, mode, sides.get(baseline, Side()), prog, split, baseline))
     return rows
 
 
@@ -154,7 +157,7 @@ def group_order(key: tuple[str, str, str]):
     return (model, task, method_rank(method))
 
 
-def _row(model, task, method, mode, base: Side, prog: Side, split: str) -> dict:
+def _row(model, task, method, mode, base: Side, prog: Side, split: str, baseline: str = "base") -> dict:
     score = lambda run: run.score(split)  # noqa: E731
     field_ = lambda name: (lambda run: run.results.get(name))  # noqa: E731
     metric = (base.runs or prog.runs)[0].metric
@@ -171,6 +174,7 @@ def _row(model, task, method, mode, base: Side, prog: Side, split: str) -> dict:
         "task": task,
         "method": method,
         "mode": mode or "",
+        "baseline": baseline,
         "metric": metric,
         "split": split,
         "n_base": len(base.values(score)),
@@ -207,7 +211,7 @@ def _mixed_keys(configs: list[dict]) -> list[str]:
 # the report
 # --------------------------------------------------------------------------------------------
 CSV_COLUMNS = (
-    "model", "task", "method", "mode", "metric", "split", "n_base", "n_prog", "seeds",
+    "model", "task", "method", "mode", "baseline", "metric", "split", "n_base", "n_prog", "seeds",
     "base_median", "base_min", "base_max", "prog_median", "prog_min", "prog_max", "diff",
     "prog_wins", "pairs", "base_updated_params", "prog_updated_params", "reduction",
     "reduction_blocks_only", "base_train_time_s", "prog_train_time_s", "time_ratio",

@@ -43,7 +43,7 @@ def render_markdown(
     for row in rows:
         lines.append(
             "| " + " | ".join([
-                row["model"], row["task"], row["method"], row["mode"] or "—", row["metric"],
+                row["model"], row["task"], row["method"], _mode_cell(row), row["metric"],
                 _score_cell(row["base_median"], row["base_min"], row["base_max"]),
                 _score_cell(row["prog_median"], row["prog_min"], row["prog_max"]),
                 _signed(row["diff"]),
@@ -153,7 +153,8 @@ def _setup_section(runs: list[Run]) -> list[str]:
 
 def _claims_section(rows: list[dict]) -> list[str]:
     """The paper's three claims beside what these runs measured, losses included."""
-    everything = [r for r in rows if r["diff"] is not None]
+    # Progtuning arms only: a cheap baseline variant (base-<variant>) is no claim of the paper's
+    everything = [r for r in rows if r["diff"] is not None and not r["mode"].startswith("base")]
     # The claims are about the paper's schedule ("prog"); variants are listed with the losses below.
     pairs = [r for r in everything if r["mode"] == "prog"]
     lines = ["### The paper's claims beside these runs", ""]
@@ -207,6 +208,14 @@ def _claims_section(rows: list[dict]) -> list[str]:
     else:
         lines.append("Progtuning's median was at or above its baseline's in every group.")
     return lines + [""]
+
+
+def _mode_cell(row: dict) -> str:
+    """The arm, and its baseline where that is not the plain one."""
+    if not row["mode"]:
+        return "—"
+    baseline = row.get("baseline") or "base"
+    return row["mode"] if baseline == "base" else f"{row['mode']} (vs {baseline})"
 
 
 def _g(value) -> str:
