@@ -137,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--split", default="test", choices=["test", "validation"], help="which split's score")
     report.add_argument("--title", default="Progtuning sweep results")
     report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.add_argument("--bootstrap", type=int, default=1000,
+                        help="resamples of the paired bootstrap over seeds x examples (0: no intervals)")
     report.set_defaults(handler=_report)
 
     probe = commands.add_parser(
@@ -244,10 +246,17 @@ def _sweep(args, rest: list[str]) -> int:
 def _report(args, rest: list[str]) -> int:
     from progtuning.runs.report import build_report
 
+    from progtuning.runs.report_study import goal_lines
+
+    if args.bootstrap < 0:
+        raise ProgtuningError(f"--bootstrap must be 0 (no intervals) or a number of resamples, got {args.bootstrap}")
     written = build_report(
-        args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots
+        args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots,
+        bootstrap=args.bootstrap,
     )
     print(f"{written['runs']} runs, {len(written['rows'])} table rows, {written['probes']} probe(s) -> {written['markdown']}")
+    if written["comparisons"]:
+        print("\n".join(goal_lines(written["goal"])))
     return 0
 
 

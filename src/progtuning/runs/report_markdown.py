@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 
 
 def render_markdown(
-    runs: list[Run], rows: list[dict], split: str, images: dict, md_dir: Path, probes: list[dict] | None = None
+    runs: list[Run], rows: list[dict], split: str, images: dict, md_dir: Path, probes: list[dict] | None = None,
+    study: list[str] | None = None,
 ) -> str:
-    """The report's Markdown body (no title): setup, the table, the claims, the plots, the probes."""
+    """The report's Markdown body (no title): setup, the study's sections (``study``: each arm against its
+    baseline, the goal check), the table, the claims, the plots, the probes."""
     probe_lines = []
     for i, probe in enumerate(probes or []):
         probe_images = images.get("probes") or []
@@ -29,11 +31,12 @@ def render_markdown(
         "median [min–max] over seeds. Δ = median(Progtuning) − median(baseline). "
         "“≥ base” = seeds (paired) where Progtuning scored at least the baseline. Updated parameters are "
         "parameter-epochs (Σ over epochs of parameters trainable in that epoch); reduction = 1 − Progtuning/baseline. "
-        "Train-time ratio = median training time (`train_time_s`: the Trainer's loop, per-epoch validation included) "
-        "with Progtuning / without. Peak memory = median peak RSS of the run's process.",
+        "Train-time ratio = median over seeds of the paired ratios of training time (`train_time_s`: the Trainer's "
+        "loop, per-epoch validation included), with Progtuning / without. Peak memory = median peak RSS of the run's process.",
         "",
     ]
     lines += _setup_section(runs)
+    lines += study or []
     lines += ["### Results", ""]
     lines += [
         "| model | task | method | mode | metric | baseline | Progtuning | Δ | ≥ base | updated params (base → prog) "
