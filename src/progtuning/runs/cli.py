@@ -20,6 +20,7 @@ import shlex
 import sys
 
 from progtuning.errors import ProgtuningError
+from progtuning.methods.config import METHOD_HEADS
 from progtuning.methods.registry import METHODS
 
 # Optional packages -> the pyproject extra that installs them (the core needs only torch + transformers).
@@ -105,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--embeddings", default="always", help="always | first_stage | never")
     plan.add_argument("--unit", default="epoch", help="epoch | fraction")
     plan.add_argument("--method", default="full", choices=list(METHODS), help="fine-tuning method (its default settings)")
-    plan.add_argument("--method-head", default="classifier", choices=["classifier", "classifier+pooler"],
+    plan.add_argument("--method-head", default="classifier", choices=list(METHOD_HEADS),
                       help="the part of the head a PEFT method trains (full fine-tuning trains everything)")
     plan.add_argument("--num-labels", type=int, default=2)
     plan.add_argument("--blocks", help="dotted path of the block list, for unknown layouts")
