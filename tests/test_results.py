@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from progtuning.runs.config import TrainConfig
+import pytest
+
+from progtuning.errors import ProgtuningError
+from progtuning.runs.config import TrainConfig, load_config
 from progtuning.runs.report import load_runs
 from progtuning.runs.results import (
     RESULTS_FILE,
@@ -71,11 +74,6 @@ def test_a_mode_written_before_baseline_variants_gets_its_role_from_the_label(tm
 
 
 def test_bad_baseline_settings_are_one_line_errors():
-    import pytest
-
-    from progtuning.errors import ProgtuningError
-    from progtuning.runs.config import load_config
-
     for values, match in (({"variant_baseline": True}, "needs a variant"), ({"compare_with": "frozen"}, "names no baseline")):
         with pytest.raises(ProgtuningError, match=match) as err:
             load_config(None, values)
