@@ -124,7 +124,10 @@ def test_unknown_setting_in_a_saved_config_is_refused():
 
 
 # -- exact trainable sets (tiny BERT, 4 layers) ------------------------------------------------
-HEAD = re.compile(r"^(bert\.pooler|classifier)\.")
+# The head PEFT methods train: the classifier only by default (peft's convention); the pooler too
+# with method_head "classifier+pooler".
+HEAD = re.compile(r"^classifier\.")
+WHOLE_HEAD = re.compile(r"^(bert\.pooler|classifier)\.")
 
 
 def test_full_trains_everything():
@@ -135,33 +138,48 @@ def test_full_trains_everything():
     assert trainable(model) == {n for n, _ in model.named_parameters()}
 
 
-def test_bitfit_trains_every_bias_and_the_head_only():
-    model = apply_method(tiny_bert(), MethodConfig(name="bitfit"))
+@pytest.mark.parametrize("method_head", ["classifier", "classifier+pooler"])
+def test_bitfit_trains_every_bias_and_the_head_only(method_head):
+    model = apply_method(tiny_bert(), MethodConfig(name="bitfit", method_head=method_head))
     names = [n for n, _ in model.named_parameters()]
-    expected = {n for n in names if n.endswith(".bias") or HEAD.match(n)}
+    head = HEAD if method_head == "classifier" else WHOLE_HEAD
+    expected = {n for n in names if n.endswith(".bias") or head.match(n)}
     assert trainable(model) == expected
-    assert "bert.embeddings.LayerNorm.bias" in expected and "bert.pooler.dense.weight" in expected
+    assert "bert.embeddings.LayerNorm.bias" in expected and "bert.pooler.dense.bias" in expected  # biases, both ways
+    assert ("bert.pooler.dense.weight" in expected) == (method_head == "classifier+pooler")
     assert "bert.encoder.layer.0.attention.self.query.weight" not in expected
 
 
-def test_lora_trains_lora_matrices_on_query_value_and_a_copy_of_the_head():
-    model = apply_method(tiny_bert(), MethodConfig(name="lora"))
+@pytest.mark.parametrize("method_head", ["classifier", "classifier+pooler"])
+def test_lora_trains_lora_matrices_on_query_value_and_a_copy_of_the_head(method_head):
+    model = apply_method(tiny_bert(), MethodConfig(name="lora", method_head=method_head))
     assert isinstance(model, peft.PeftModelForSequenceClassification)
+    head = [("classifier", "weight"), ("classifier", "bias")]
+    if method_head == "classifier+pooler":
+        head += [("bert.pooler", "dense.weight"), ("bert.pooler", "dense.bias")]
     expected = {
         f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
         for i in range(4)
         for m in ("query", "value")
         for ab in "AB"
-    } | {
-        f"base_model.model.{module}.modules_to_save.default.{p}"
-        for module, p in [
-            ("bert.pooler", "dense.weight"),
-            ("bert.pooler", "dense.bias"),
-            ("classifier", "weight"),
-            ("classifier", "bias"),
-        ]
-    }
+    } | {f"base_model.model.{module}.modules_to_save.default.{p}" for module, p in head}
     assert trainable(model) == expected
+
+
+def test_a_head_without_a_classifier_layer_is_refused_rather_than_left_random():
+    # BertForMaskedLM's head is `cls` (no classifier/score layer): training "the classifier" would train nothing.
+    torch.manual_seed(0)
+    model = T.BertForMaskedLM(tiny_bert_config(2))
+    with pytest.raises(ProgtuningError, match="classifier\\+pooler") as err:
+        apply_method(model, MethodConfig(name="bitfit"))
+    assert "\n" not in str(err.value)
+    assert count(apply_method(model, MethodConfig(name="bitfit", method_head="classifier+pooler"))) > 0
+
+
+def test_an_unknown_method_head_is_a_one_line_error():
+    with pytest.raises(ProgtuningError, match="method_head") as err:
+        MethodConfig(name="lora", method_head="pooler")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("adapter_type, layernorm", [("houlsby", None), ("pfeiffer", None), ("pfeiffer", True)])
@@ -203,7 +221,8 @@ def arch_config(arch: str):
     }[arch]()
 
 
-# The head of each architecture, written out (module paths whose parameters must all train).
+# The whole head of each architecture, written out (method_head "classifier+pooler": module paths
+# whose parameters must all train).
 HEADS = {
     ("bert", "seq_cls"): ["bert.pooler", "classifier"],
     ("roberta", "seq_cls"): ["classifier"],
@@ -221,28 +240,49 @@ HEADS = {
     ("qwen2", "qa"): ["qa_outputs", "transformer.norm"],
     ("t5", "qa"): ["decoder.final_layer_norm", "encoder.final_layer_norm", "qa_outputs"],
 }
+# peft's convention (method_head "classifier", the default): the task's output layers only.
+CLASSIFIER_HEADS = {
+    ("bert", "seq_cls"): ["classifier"],
+    ("deberta-v2", "seq_cls"): ["classifier"],
+    ("distilbert", "seq_cls"): ["classifier", "pre_classifier"],
+    ("gpt2", "seq_cls"): ["score"],
+    ("llama", "seq_cls"): ["score"],
+    ("qwen2", "seq_cls"): ["score"],
+    ("t5", "seq_cls"): ["classification_head"],
+}
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "mpnet", "distilbert", "gpt2", "llama", "qwen2", "t5"]
 
 
+@pytest.mark.parametrize("method_head", ["classifier", "classifier+pooler"])
 @pytest.mark.parametrize("task", ["seq_cls", "qa"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_method_trains_the_whole_head_of_every_architecture(arch, task):
+def test_every_method_trains_the_chosen_head_of_every_architecture(arch, task, method_head):
     auto = T.AutoModelForSequenceClassification if task == "seq_cls" else T.AutoModelForQuestionAnswering
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     ids[:, -1] = 1  # T5 classification pools on <eos>
-    expected_head = HEADS.get((arch, task), ["qa_outputs"] if task == "qa" else None)
+    whole_head = HEADS.get((arch, task), ["qa_outputs"] if task == "qa" else ["classifier"])
+    if method_head == "classifier":
+        expected_head = CLASSIFIER_HEADS.get((arch, task), ["qa_outputs"] if task == "qa" else ["classifier"])
+    else:
+        expected_head = whole_head
     for method in ("lora", "adapter", "bitfit"):
         torch.manual_seed(0)
         model = auto.from_config(arch_config(arch))
-        assert head_module_paths(model) == expected_head
+        assert head_module_paths(model) == whole_head  # the helper's default: the whole head
+        assert head_module_paths(model, method_head) == expected_head
         head = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in expected_head)]
-        model = apply_method(model, MethodConfig(name=method), task_type=task)
+        left_out = [n for n, _ in model.named_parameters()
+                    if any(n.startswith(h + ".") for h in set(whole_head) - set(expected_head))]
+        model = apply_method(model, MethodConfig(name=method, method_head=method_head), task_type=task)
         names = trainable(model)
         if method == "lora":
             assert LORA_TARGETS[arch]
             names = {n.replace(".modules_to_save.default.", ".").removeprefix("base_model.model.") for n in names}
             assert any(".lora_A." in n for n in names) and any(".lora_B." in n for n in names)
         assert set(head) <= names, f"{method}: head not trained: {sorted(set(head) - names)}"
+        # what the head choice leaves out stays frozen (BitFit still trains its biases: they are biases)
+        frozen = {n for n in left_out if not (method == "bitfit" and n.endswith(".bias"))}
+        assert not frozen & names, f"{method}: trains {sorted(frozen & names)[:3]} outside {method_head}"
         model.eval()
         with torch.no_grad():
             out = model(input_ids=ids)
@@ -251,8 +291,9 @@ def test_every_method_trains_the_whole_head_of_every_architecture(arch, task):
 
 # -- counts against hand formulas ---------------------------------------------------------------
 def bert_counts(h: int, layers: int, inter: int, labels: int = 2) -> dict[str, int]:
-    """Hand formulas for BertForSequenceClassification with ``labels`` outputs."""
-    head = (h * h + h) + (h * labels + labels)  # pooler dense + classifier
+    """Hand formulas for BertForSequenceClassification with ``labels`` outputs, method_head "classifier"."""
+    head = h * labels + labels  # the classifier (the pooler stays frozen, as in peft)
+    pooler_bias = h  # BitFit trains it anyway: it is a bias
     # BitFit: q, k, v, o biases (4h) + attention LayerNorm bias (h) + intermediate bias (inter)
     # + output bias (h) + output LayerNorm bias (h), per block; the embedding LayerNorm bias (h).
     bitfit_block = 4 * h + h + inter + h + h
@@ -263,7 +304,7 @@ def bert_counts(h: int, layers: int, inter: int, labels: int = 2) -> dict[str, i
     return {
         "head": head,
         "lora": layers * lora_block + head,
-        "bitfit": h + layers * bitfit_block + head,
+        "bitfit": h + layers * bitfit_block + pooler_bias + head,
         "houlsby": layers * (2 * adapter + layernorms) + head,
         "pfeiffer": layers * adapter + head,
         "adapter": adapter,
@@ -283,10 +324,10 @@ METHOD_CONFIGS = {
 
 def test_counts_on_bert_base():
     c = bert_counts(768, 12, 3072)
-    assert c["head"] == 590_592 + 1_538
+    assert c["head"] == 1_538
     assert c["lora"] - c["head"] == 12 * 2 * (768 * 8 + 8 * 768) == 294_912
     assert c["adapter"] == 74_544
-    expected = {"lora": 887_042, "bitfit": 694_274, "houlsby": 2_418_050, "pfeiffer": 1_486_658}
+    expected = {"lora": 296_450, "bitfit": 104_450, "houlsby": 1_827_458, "pfeiffer": 896_066}
     assert {k: c[k] for k in expected} == expected
     # BertModel 109,482,240 (shared/paper.md) + the 2-label classifier 768·2 + 2
     assert count(apply_method(meta_model(T.BertConfig()), MethodConfig(name="full"))) == 109_482_240 + 1_538
@@ -298,11 +339,17 @@ def test_counts_on_minilm_l6():
     config = minilm_config()
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (384, 6, 1536)
     c = bert_counts(384, 6, 1536)
-    expected = {"lora": 222_338, "bitfit": 174_338, "houlsby": 383_906, "pfeiffer": 261_650}
+    expected = {"lora": 74_498, "bitfit": 26_882, "houlsby": 236_066, "pfeiffer": 113_810}
     assert {k: c[k] for k in expected} == expected
     assert count(apply_method(meta_model(config), MethodConfig(name="full"))) == 22_713_986
     for key, method in METHOD_CONFIGS.items():
         assert count(apply_method(meta_model(config), method)) == expected[key], key
+    # the whole head (pooler 384·384 + 384 more; BitFit had its bias already) is one option away
+    pooler = 384 * 384 + 384
+    for key, method in METHOD_CONFIGS.items():
+        whole = MethodConfig(**{**asdict(method), "method_head": "classifier+pooler"})
+        added = pooler - 384 if key == "bitfit" else pooler
+        assert count(apply_method(meta_model(config), whole)) == expected[key] + added, key
 
 
 # -- accounting per method (MiniLM-L6, progressive(6, 3), embeddings always) ------------------
@@ -319,13 +366,16 @@ def test_plan_updates_per_method_on_minilm_l6():
         "houlsby": c["houlsby_block"],
     }
     embeddings = {"full": emb_full, "lora": 0, "bitfit": 384, "houlsby": 0}
-    expected_updated = {"full": 57_495_174, "lora": 593_286, "bitfit": 497_670, "houlsby": 916_422}
-    expected_method = {"full": 22_713_986, "lora": 222_338, "bitfit": 174_338, "houlsby": 383_906}
+    # the head of each method: full fine-tuning trains pooler + classifier; PEFT the classifier
+    # (BitFit also the pooler's bias)
+    head = {"full": 384 * 384 + 384 + c["head"], "lora": c["head"], "bitfit": 384 + c["head"], "houlsby": c["head"]}
+    expected_updated = {"full": 57_495_174, "lora": 149_766, "bitfit": 55_302, "houlsby": 472_902}
+    expected_method = {"full": 22_713_986, "lora": 74_498, "bitfit": 26_882, "houlsby": 236_066}
     configs = {"full": MethodConfig(name="full"), **{k: METHOD_CONFIGS[k] for k in ("lora", "bitfit", "houlsby")}}
     for key, method in configs.items():
         model = apply_method(meta_model(config), method)
         acc = plan_updates(ProgressiveFreezer(model, progressive(6, 3)), epochs=3)
-        hand = sum(embeddings[key] + blocks * per_block[key] + c["head"] for blocks in (6, 4, 2))
+        hand = sum(embeddings[key] + blocks * per_block[key] + head[key] for blocks in (6, 4, 2))
         assert acc.method_trainable_params == expected_method[key], key
         assert acc.baseline_updated_params == 3 * expected_method[key], key
         assert acc.updated_params == hand == expected_updated[key], key
@@ -583,7 +633,7 @@ def test_a_peft_config_file_brings_any_peft_method_with_the_head_trained(tmp_pat
     # key, value, attention.output.dense and output.dense in each of 4 blocks
     assert len(ia3) == 4 * 4
     head = {n for n in names if ".modules_to_save.default." in n}
-    assert {n.split(".modules_to_save")[0].removeprefix("base_model.model.") for n in head} == {"bert.pooler", "classifier"}
+    assert {n.split(".modules_to_save")[0].removeprefix("base_model.model.") for n in head} == {"classifier"}
     assert names == ia3 | head
     # It saves and reloads like LoRA.
     perturb_method_parameters(model)

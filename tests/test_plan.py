@@ -46,12 +46,29 @@ def test_minilm_l6(capsys):
     assert plan["updated_params"] == 57_495_174
 
 
-def test_lora_plan_counts_only_lora_and_head(capsys):
+def test_lora_plan_counts_only_lora_and_the_classifier(capsys):
     plan = _plan(capsys, "--model", "minilm-l6", "--epochs", "3", "--method", "lora")
-    # 6 blocks x (query, value) x (384*8 + 8*384) = 73,728 LoRA + 148,610 head (pooler + classifier)
-    assert plan["method_trainable_params"] == 73_728 + 148_610
-    assert plan["baseline_updated_params"] == 3 * (73_728 + 148_610)
+    # 6 blocks x (query, value) x (384*8 + 8*384) = 73,728 LoRA + 770 classifier (peft's convention)
+    assert plan["method_head"] == "classifier"
+    assert plan["method_trainable_params"] == 73_728 + 770
+    assert plan["baseline_updated_params"] == 3 * (73_728 + 770)
+    # stages train 6, 4, 2 blocks of LoRA (12,288 each) and the classifier
+    assert plan["updated_params"] == 12 * 12_288 + 3 * 770
+    assert round(plan["reduction"], 3) == 0.330
     assert plan["reduction_blocks_only"] == pytest.approx(1 / 3)
+
+
+def test_lora_plan_with_the_whole_head_counts_the_pooler(capsys):
+    plan = _plan(capsys, "--model", "minilm-l6", "--epochs", "3", "--method", "lora", "--method-head", "classifier+pooler")
+    # + the pooler (384*384 + 384), trained in every stage: it deflates the reduction
+    assert plan["method_trainable_params"] == 73_728 + 770 + 147_840
+    assert round(plan["reduction"], 3) == 0.111
+
+
+@pytest.mark.parametrize("method, reduction", [("adapter", 0.332), ("bitfit", 0.314)])
+def test_peft_plans_on_minilm_l6(capsys, method, reduction):
+    plan = _plan(capsys, "--model", "minilm-l6", "--epochs", "3", "--method", method)
+    assert round(plan["reduction"], 3) == reduction
 
 
 def test_table_output(capsys, bert_base_dir):

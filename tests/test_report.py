@@ -4,7 +4,8 @@ The fixtures are a small sweep tree of hand-written results.json files (model "t
 
 * rotten-tomatoes/full: baseline test 0.80, 0.70, 0.75 (seeds 0–2) → median 0.75 [0.70–0.80];
   Progtuning 0.78, 0.76, 0.72 → median 0.76 [0.72–0.78]; Δ +0.01; paired by seed Progtuning ≥
-  baseline only in seed 1 → 1/3; training time medians 110 s and 90 s → ratio 0.8182; peak RSS
+  baseline only in seed 1 → 1/3; training times 100/110/120 s and 80/90/99 s → median paired ratio
+  0.8182 (90/110); peak RSS
   medians 1100 and 950 MiB; updated parameters 900 → 750, reduction 15%.
 * trec6/lora: baseline 0.90, 0.80 → median 0.85; Progtuning 0.82, 0.84 → 0.83, Δ −0.02, 1/2;
   variant prog-emb-first (seed 0 only) 0.88 → Δ +0.03, 0/1.
@@ -74,7 +75,7 @@ def test_summary_numbers_match_hand_computed_values():
     assert lora["prog_median"] == pytest.approx(0.83)
     assert lora["diff"] == pytest.approx(-0.02)
     assert (lora["prog_wins"], lora["pairs"]) == (1, 2)
-    assert lora["time_ratio"] == pytest.approx(45 / 60)
+    assert lora["time_ratio"] == pytest.approx((40 / 50 + 50 / 70) / 2)  # median of the paired ratios, not 45/60
 
     variant = _row(rows, "trec6", "lora", "prog-emb-first")
     assert variant["base_median"] == pytest.approx(0.85)  # the same baseline as plain prog
@@ -211,3 +212,26 @@ def test_probe_folders_are_reported_as_probes_not_as_sweep_runs(tmp_path):
     # a probe alone is a report too
     alone = build_report([probe_dir], tmp_path / "alone")
     assert alone["runs"] == 0 and "Per-block probe" in alone["markdown"].read_text()
+
+
+def test_each_arm_is_compared_with_the_baseline_it_names(tmp_path):
+    from progtuning.runs.results import write_json_atomic
+
+    def write(label, seed, score, compared_with):
+        path = tmp_path / "trec6" / "full" / label / f"seed{seed}" / "results.json"
+        path.parent.mkdir(parents=True)
+        mode = {"label": label, "method": "full", "baseline": label.startswith("base"), "compared_with": compared_with}
+        write_json_atomic(path, {"mode": mode, "seed": seed, "config": {"method": "full", "seed": seed},
+                                 "task": {"name": "trec6"}, "model": {"name": "tiny"}, "main_metric": "accuracy",
+                                 "test_score": score})
+
+    for seed in (0, 1):
+        write("base", seed, 0.80, None)
+        write("base-frozen-emb", seed, 0.70, "base")
+        write("prog", seed, 0.78, "base")
+        write("prog-emb-never", seed, 0.72, "base-frozen-emb")
+    rows = {r["mode"]: r for r in summarize_runs(load_runs([tmp_path]))}
+    assert set(rows) == {"base-frozen-emb", "prog", "prog-emb-never"}
+    assert (rows["prog"]["baseline"], rows["prog"]["diff"]) == ("base", pytest.approx(-0.02))
+    assert (rows["prog-emb-never"]["baseline"], rows["prog-emb-never"]["diff"]) == ("base-frozen-emb", pytest.approx(0.02))
+    assert (rows["base-frozen-emb"]["baseline"], rows["base-frozen-emb"]["diff"]) == ("base", pytest.approx(-0.10))

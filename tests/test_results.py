@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from progtuning.runs.config import TrainConfig
+import pytest
+
+from progtuning.errors import ProgtuningError
+from progtuning.runs.config import TrainConfig, load_config
 from progtuning.runs.report import load_runs
 from progtuning.runs.results import (
     RESULTS_FILE,
@@ -19,7 +22,13 @@ from progtuning.runs.sweep import expand_sweep
 def test_mode_of_a_config():
     base = run_mode(TrainConfig(progtuning=False, method="lora").to_dict())
     assert base == {"label": "base", "method": "lora", "progtuning": False, "schedule": "none",
-                    "embeddings": "always", "variant": None}
+                    "embeddings": "always", "variant": None, "baseline": True, "compared_with": None}
+    prog = run_mode(TrainConfig().to_dict())
+    assert (prog["label"], prog["baseline"], prog["compared_with"]) == ("prog", False, "base")
+    cheap = run_mode(TrainConfig(variant="frozen-emb", variant_baseline=True, stages=1, embeddings="never").to_dict())
+    assert (cheap["label"], cheap["baseline"], cheap["compared_with"]) == ("base-frozen-emb", True, "base")
+    arm = run_mode(TrainConfig(variant="emb-never", embeddings="never", compare_with="base-frozen-emb").to_dict())
+    assert (arm["label"], arm["baseline"], arm["compared_with"]) == ("prog-emb-never", False, "base-frozen-emb")
     explicit = run_mode(TrainConfig(stage_blocks=[[5], [4, 5]], embeddings="never").to_dict())
     assert explicit["label"] == "prog-explicit-emb-never" and explicit["schedule"] == "explicit"
     assert mode_label(TrainConfig(variant="emb-first", embeddings="first_stage").to_dict()) == "prog-emb-first"
@@ -51,3 +60,21 @@ def test_old_results_get_their_mode_from_the_sweep_folder(tmp_path):
     path.write_text(json.dumps({"config": {"method": "lora", "progtuning": True, "embeddings": "first_stage"}}))
     mode = read_results(path)["mode"]
     assert mode["label"] == "prog-emb-first" and mode["method"] == "lora" and mode["embeddings"] == "first_stage"
+
+
+def test_a_mode_written_before_baseline_variants_gets_its_role_from_the_label(tmp_path):
+    # the layout a running sweep writes: mode without "baseline" / "compared_with"
+    for label, baseline, compared_with in (("base", True, None), ("prog-t4", False, "base"),
+                                            ("base-frozen", True, "base")):
+        path = tmp_path / label / RESULTS_FILE
+        path.parent.mkdir()
+        path.write_text(json.dumps({"mode": {"label": label, "method": "full"}, "config": {}}))
+        mode = read_results(path)["mode"]
+        assert (mode["baseline"], mode["compared_with"]) == (baseline, compared_with), label
+
+
+def test_bad_baseline_settings_are_one_line_errors():
+    for values, match in (({"variant_baseline": True}, "needs a variant"), ({"compare_with": "frozen"}, "names no baseline")):
+        with pytest.raises(ProgtuningError, match=match) as err:
+            load_config(None, values)
+        assert "\n" not in str(err.value)

@@ -93,14 +93,50 @@ def test_variants_add_progtuning_runs_and_models_add_a_folder_level(tmp_path):
     assert next(r for r in sweep.runs if r.name.endswith("trec6/full/base/seed0")).config["embeddings"] == "always"
 
 
+def test_study_arms_baseline_variants_compute_matched_epochs_and_the_baseline_each_arm_is_compared_with(tmp_path):
+    from progtuning.runs.results import run_mode
+
+    variants = {
+        "frozen-emb": {"baseline": True, "stages": 1, "embeddings": "never"},
+        "emb-never": {"embeddings": "never", "compare_with": "frozen-emb"},
+        "matched": {"epochs": 5, "stages": 3},
+        "rewarm": {"lr_schedule": "per_stage"},
+    }
+    sweep = expand_sweep(_sweep(tmp_path, variants=variants))
+    runs = {r.name: r for r in sweep.runs if r.name.startswith("trec6/lora/") and r.name.endswith("seed1")}
+    # run order: base, prog, then the variants as declared
+    assert list(runs) == [f"trec6/lora/{m}/seed1" for m in
+                          ("base", "prog", "base-frozen-emb", "prog-emb-never", "prog-matched", "prog-rewarm")]
+    modes = {name.split("/")[2]: run_mode(r.config) for name, r in runs.items()}
+    assert {k: (m["label"], m["baseline"], m["compared_with"]) for k, m in modes.items()} == {
+        "base": ("base", True, None),
+        "base-frozen-emb": ("base-frozen-emb", True, "base"),  # a cheap baseline, shown against the plain one
+        "prog": ("prog", False, "base"),
+        "prog-emb-never": ("prog-emb-never", False, "base-frozen-emb"),
+        "prog-matched": ("prog-matched", False, "base"),
+        "prog-rewarm": ("prog-rewarm", False, "base"),
+    }
+    frozen = runs["trec6/lora/base-frozen-emb/seed1"].config
+    assert frozen["progtuning"] is True and frozen["stages"] == 1 and frozen["embeddings"] == "never"
+    assert runs["trec6/lora/base-frozen-emb/seed1"].run_dir == tmp_path / "sweep/trec6/lora/base-frozen-emb/seed1"
+    matched = runs["trec6/lora/prog-matched/seed1"].config
+    assert (matched["epochs"], matched["stages"]) == (5, 3)
+    assert runs["trec6/lora/base/seed1"].config["epochs"] == 3  # the baseline keeps the sweep's epochs
+    assert runs["trec6/lora/prog-rewarm/seed1"].config["lr_schedule"] == "per_stage"
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"colour": 1}, "unknown sweep key"),
         ({"grid": {"learning_rate": [1e-3]}}, "not supported"),
         ({"grid": {"task": []}}, "non-empty list"),
-        ({"variants": {"lr": {"learning_rate": 1.0}}}, "schedule only"),
+        ({"variants": {"lr": {"learning_rate": 1.0}}}, "schedule and training length only"),
         ({"variants": {"a b": {"embeddings": "never"}}}, "folder name"),
+        ({"variants": {"x": {"embeddings": "never", "compare_with": "nowhere"}}}, "not a baseline variant"),
+        ({"variants": {"b": {"baseline": True, "stages": 1}, "c": {"baseline": True, "compare_with": "b"}}},
+         "is a baseline"),
+        ({"variants": {"x": {"lr_schedule": "cosine"}}}, "lr_schedule"),
         ({"base": {"output_dir": "x"}}, "sweep chooses"),
         ({"methods": {"lora": {"lora_rank": 4}}}, "sweep run .*lora.*unknown config key"),
         ({"grid": {"method": ["fancy"]}}, "unknown method"),

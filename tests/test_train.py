@@ -64,7 +64,7 @@ def test_results_json_follows_the_schema(real_run):
     _, results = real_run
     assert set(results) == set(RESULTS_KEYS) - set(OPTIONAL_KEYS) and results["schema"] == SCHEMA_VERSION
     assert results["mode"] == {"label": "prog", "method": "full", "progtuning": True, "schedule": "progressive",
-                               "embeddings": "always", "variant": None}
+                               "embeddings": "always", "variant": None, "baseline": False, "compared_with": "base"}
     assert results["task"]["kind"] == "classification"
 
 

@@ -28,7 +28,7 @@ from progtuning.runs.checkpoints import ProgtuningTrainer
 
 # ProgtuningTrainer's own helpers and state, not the Trainer's: they must NOT exist on the Trainer
 # (or they would silently replace one of its methods or attributes).
-OWN = {"_plain_state", "_rng_name", "_distributed", "_staging_root", "_seal"}
+OWN = {"_plain_state", "_rng_name", "_distributed", "_staging_root", "_seal", "_lr_scheduler_factory"}
 
 TRAINER_SOURCE = inspect.getsource(transformers.trainer)
 

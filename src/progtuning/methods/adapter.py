@@ -1,6 +1,6 @@
 """The adapter method: bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) inside each block.
 
-The method (:data:`METHOD`, at the end) trains the adapters, the head and, when
+The method (:data:`METHOD`, at the end) trains the adapters, the head (its ``method_head`` part) and, when
 ``adapter_train_layernorm`` (default: yes for Houlsby, as in the Houlsby paper; no for
 Pfeiffer), the block LayerNorms; it saves them as ``adapters.safetensors``. Adapters are
 non-linear, so they cannot be merged into the base weights.
@@ -227,7 +227,7 @@ class Adapters(DeltaMethod):
         adapters = adapter_parameter_names(model)
         if not adapters:
             raise ProgtuningError("the model has no adapters: apply the adapter method (apply_method) first")
-        names = head_parameter_names(model) | set(adapters)
+        names = head_parameter_names(model, config.method_head) | set(adapters)
         if config.train_layernorm:
             names |= _block_norm_parameter_names(model, find_blocks(model).block_paths)
         return names

@@ -10,9 +10,11 @@ freezes inside it::
     optimizer = torch.optim.AdamW(freezer.trainable_parameters(), lr=5e-4)
 
 The trainable set of each method (one module each, listed in
-:data:`~progtuning.methods.registry.METHODS`). Every method trains the *head* as
-:func:`~progtuning.core.blocks.find_blocks` defines it (classifier, pre-classifier, pooler, QA
-outputs, and final norms after the last block), because a new task head starts untrained:
+:data:`~progtuning.methods.registry.METHODS`). Every PEFT method trains the task's new output
+layers, because they start untrained: by default only those, as peft does (``method_head:
+classifier``: ``classifier`` / ``score`` / ``qa_outputs`` ...); with ``method_head:
+classifier+pooler`` the whole *head* as :func:`~progtuning.core.blocks.find_blocks` defines it
+(classifier, pre-classifier, pooler, QA outputs, and final norms after the last block):
 
 * ``full``: every parameter.
 * ``lora``: LoRA matrices (peft) on ``lora_target_modules`` (default per architecture, see

@@ -4,7 +4,14 @@
 implements (one instance, ``METHOD``); :mod:`progtuning.methods.api` dispatches to it by name.
 :class:`DeltaMethod` is the shared shape of methods that train a named subset of the model's own
 (or added) parameters and save just those (BitFit, bottleneck adapters). The helpers below find
-the head every method trains.
+the part of the head a method trains (``method_head``).
+
+Which part of the head a PEFT method trains follows peft's convention by default
+(``method_head: classifier``): the task's own output layers (``classifier``, ``score``,
+``qa_outputs``, ...), new on a pretrained model, and not the pretrained layers
+:func:`~progtuning.core.blocks.find_blocks` also counts as head (the pooler, the final norms after
+the last block). ``method_head: classifier+pooler`` trains the whole head. Full fine-tuning trains
+everything, so it ignores the setting.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Union
 
 from progtuning.core.blocks import HEAD, HEAD_MODULE_NAMES, find_blocks
 from progtuning.errors import ProgtuningError
+from progtuning.methods.config import METHOD_HEADS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -87,12 +95,23 @@ class DeltaMethod(Method):
         return model
 
 
-# -- the head every method trains ---------------------------------------------------------------
-def head_module_paths(model: nn.Module) -> list[str]:
-    """Module paths of the head (as :func:`find_blocks` defines it), outermost head module each:
-    ``["bert.pooler", "classifier"]`` for BERT, ``["score", "transformer.ln_f"]`` for GPT-2."""
+# -- the part of the head a method trains ------------------------------------------------------
+# The task's own output layers: what peft trains by default (its modules_to_save for SEQ_CLS are
+# classifier/score, for QA qa_outputs; it matches by suffix, so pre_classifier comes along).
+CLASSIFIER_MODULE_NAMES = frozenset(
+    {"classifier", "pre_classifier", "score", "qa_outputs", "classification_head", "sequence_summary", "logits_proj"}
+)
+
+
+def head_module_paths(model: nn.Module, method_head: str = "classifier+pooler") -> list[str]:
+    """Module paths of the head a method trains, outermost head module each.
+
+    ``classifier+pooler``: the whole head as :func:`find_blocks` defines it (``["bert.pooler",
+    "classifier"]`` for BERT, ``["score", "transformer.ln_f"]`` for GPT-2); ``classifier``: only
+    the task's output layers (``["classifier"]``, ``["score"]``).
+    """
     paths = set()
-    for name in find_blocks(model).names(HEAD):
+    for name in head_parameter_names(model, method_head):
         parts = name.split(".")[:-1]
         for i, part in enumerate(parts):
             if part in HEAD_MODULE_NAMES:
@@ -101,8 +120,22 @@ def head_module_paths(model: nn.Module) -> list[str]:
     return sorted(paths)
 
 
-def head_parameter_names(model: nn.Module) -> set[str]:
-    return set(find_blocks(model).names(HEAD))
+def head_parameter_names(model: nn.Module, method_head: str = "classifier+pooler") -> set[str]:
+    """The head parameters a method trains under ``method_head`` (see the module docstring)."""
+    if method_head not in METHOD_HEADS:
+        raise ProgtuningError(f"unknown method_head {method_head!r}: use one of {', '.join(METHOD_HEADS)}")
+    head = set(find_blocks(model).names(HEAD))
+    if method_head == "classifier+pooler":
+        return head
+    chosen = {n for n in head if CLASSIFIER_MODULE_NAMES & set(n.split(".")[:-1])}
+    if head and not chosen and task_type_of(model) != "causal_lm":
+        # A new task head that would stay at its random initialisation: refuse rather than train nothing.
+        modules = sorted({".".join(n.split(".")[:-1]) for n in head})
+        raise ProgtuningError(
+            f"no classifier layer in the head of {type(model).__name__} (head modules: {', '.join(modules[:4])}): "
+            "set method_head: classifier+pooler to train the whole head"
+        )
+    return chosen
 
 
 def task_type_of(model: nn.Module) -> str:

@@ -17,6 +17,10 @@ from typing import Optional, Union
 from progtuning.errors import ProgtuningError
 from progtuning.methods.registry import METHODS
 
+# the part of the head a PEFT method trains: peft's convention (the task's output layers), or the whole
+# head (pooler and final norms too); see progtuning.methods.base
+METHOD_HEADS: tuple[str, ...] = ("classifier", "classifier+pooler")
+
 ADAPTER_TYPES: tuple[str, ...] = ("houlsby", "pfeiffer")
 ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
 
@@ -24,6 +28,15 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
 @dataclass
 class MethodSettings:
     """Every method's settings; each is read by the method its name starts with (``peft_*``: peft)."""
+
+    method_head: str = field(
+        default="classifier",
+        metadata={
+            "help": "the part of the head LoRA, adapters, BitFit and peft train: classifier (peft's convention: "
+            "classifier/score/qa_outputs only) or classifier+pooler (the whole head, pooler and final norms "
+            "included); full fine-tuning trains everything"
+        },
+    )
 
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
@@ -75,6 +88,8 @@ class MethodConfig(MethodSettings):
             raise ProgtuningError(
                 f"peft_config_path is only read by method 'peft', not {self.name!r}: use name='peft' or drop the path"
             )
+        if self.method_head not in METHOD_HEADS:
+            raise ProgtuningError(f"unknown method_head {self.method_head!r}: use one of {', '.join(METHOD_HEADS)}")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         if self.lora_r < 1:

@@ -2,8 +2,9 @@
 
 The LoRA matrices go on ``lora_target_modules`` (default per architecture: the attention query
 and value projections, :data:`LORA_TARGETS`; other model types fall back to peft's own table).
-The head trains as peft ``modules_to_save`` copies, and nothing else outside the LoRA matrices
-does. Saving, loading and merging are peft's (:class:`~progtuning.methods.peft.PeftMethod`).
+The head (by default peft's convention: the classifier only; ``method_head: classifier+pooler``
+adds the pooler) trains as peft ``modules_to_save`` copies, and nothing else outside the LoRA
+matrices does. Saving, loading and merging are peft's (:class:`~progtuning.methods.peft.PeftMethod`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Methods through peft: what they share, and the ``peft`` method (any peft config, from its JSON).
 
-A peft method wraps the model with ``peft.get_peft_model``; peft trains the head as
+A peft method wraps the model with ``peft.get_peft_model``; peft trains the head (the part
+``method_head`` names: by default peft's own convention, the classifier only) as
 ``modules_to_save`` copies, which :func:`check_head_trains` verifies. Saved with peft's own
 ``save_pretrained`` (``adapter_model.safetensors`` + ``adapter_config.json``) and reloaded with
 ``PeftModel.from_pretrained``, optionally merged into the base weights (``merge_and_unload``).
@@ -30,7 +31,7 @@ class PeftMethod(Method):
     def apply(self, model, config, task_type):
         import peft
 
-        head = head_module_paths(model)
+        head = head_module_paths(model, config.method_head)
         head_names = _param_names_under(model, head)  # before peft renames them
         peft_config = self.peft_config(model, config, task_type, head)
         wrapped = peft.get_peft_model(model, peft_config)

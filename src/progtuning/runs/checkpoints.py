@@ -77,7 +77,7 @@ class ProgtuningTrainer(ShardedTraining, Trainer):
     """
 
     def __init__(self, *args: Any, batch_mean_loss: bool = True, seal: Callable[[str], None] | None = None,
-                 **kwargs: Any) -> None:
+                 lr_scheduler_factory=None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Called with each finished checkpoint folder before it is renamed into place; the last thing written
         # into it. Default: a sha256 per file (progtuning.runs.integrity), verified on resume.
@@ -87,6 +87,15 @@ class ProgtuningTrainer(ShardedTraining, Trainer):
             # average over the ranks, exactly as for a model without **kwargs in its forward.
             self.model_accepts_loss_kwargs = False
         self._staging_root: str | None = None
+        # (optimizer, num_training_steps) -> scheduler, instead of the one TrainingArguments names
+        # (lr_schedule: per_stage, see progtuning.core.lr_schedule)
+        self._lr_scheduler_factory = lr_scheduler_factory
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None and self._lr_scheduler_factory is not None:
+            self.lr_scheduler = self._lr_scheduler_factory(optimizer or self.optimizer, num_training_steps)
+            self._created_lr_scheduler = True  # so that a second train() builds a fresh one, as the Trainer does
+        return super().create_scheduler(num_training_steps, optimizer)
 
     # -- optimizer, scheduler and RNG state as safetensors + JSON ------------------------------------
     def _plain_state(self) -> bool:

@@ -23,6 +23,7 @@ import shlex
 import sys
 
 from progtuning.errors import ProgtuningError
+from progtuning.methods.config import METHOD_HEADS
 from progtuning.methods.registry import METHODS
 
 # Optional packages -> the pyproject extra that installs them (the core needs only torch + transformers).
@@ -151,6 +152,8 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     plan.add_argument("--embeddings", default="always", help="always | first_stage | never")
     plan.add_argument("--unit", default="epoch", help="epoch | fraction")
     plan.add_argument("--method", default="full", choices=list(METHODS), help="fine-tuning method (its default settings)")
+    plan.add_argument("--method-head", default="classifier", choices=list(METHOD_HEADS),
+                      help="the part of the head a PEFT method trains (full fine-tuning trains everything)")
     plan.add_argument("--num-labels", type=int, default=2)
     plan.add_argument("--blocks", help="dotted path of the block list, for unknown layouts")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -181,6 +184,8 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     report.add_argument("--split", default="test", choices=["test", "validation"], help="which split's score")
     report.add_argument("--title", default="Progtuning sweep results")
     report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.add_argument("--bootstrap", type=int, default=1000,
+                        help="resamples of the paired bootstrap over seeds x examples (0: no intervals)")
     report.set_defaults(handler=_report)
 
     probe = commands.add_parser(
@@ -249,6 +254,7 @@ def _plan(args, rest: list[str]) -> int:
         embeddings=args.embeddings,
         unit=args.unit,
         method=args.method,
+        method_head=args.method_head,
         num_labels=args.num_labels,
         blocks=args.blocks,
     )
@@ -290,10 +296,17 @@ def _sweep(args, rest: list[str]) -> int:
 def _report(args, rest: list[str]) -> int:
     from progtuning.runs.report import build_report
 
+    from progtuning.runs.report_study import goal_lines
+
+    if args.bootstrap < 0:
+        raise ProgtuningError(f"--bootstrap must be 0 (no intervals) or a number of resamples, got {args.bootstrap}")
     written = build_report(
-        args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots
+        args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots,
+        bootstrap=args.bootstrap,
     )
     print(f"{written['runs']} runs, {len(written['rows'])} table rows, {written['probes']} probe(s) -> {written['markdown']}")
+    if written["comparisons"]:
+        print("\n".join(goal_lines(written["goal"])))
     return 0
 
 

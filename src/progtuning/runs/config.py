@@ -16,6 +16,7 @@ once, in :class:`~progtuning.methods.config.MethodSettings`, and inherited here.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
+from progtuning.core.lr_schedule import LR_SCHEDULES
 from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
 from progtuning.errors import ProgtuningError
 from progtuning.methods.config import METHOD_HELP, MethodConfig, MethodSettings
@@ -78,6 +80,10 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     stage_blocks: Optional[list] = _help("explicit stages: a list of block-index lists (growing, top-down, custom)")
     variant: Optional[str] = _help("name of this schedule variant (a sweep sets it): results.json records the "
                                    "run's mode as prog-<variant>")
+    variant_baseline: bool = _help("the variant is a cheap baseline, not a Progtuning arm (a sweep sets it): "
+                                   "its mode is base-<variant>, and arms may be compared with it", False)
+    compare_with: Optional[str] = _help("the baseline reports compare this run with: base (default) or "
+                                        "base-<variant> (a sweep sets it)")
     blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
     eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
     cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
@@ -90,7 +96,9 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)
     learning_rate: float = _help("peak learning rate (AdamW, linear decay)", 5e-5)
     weight_decay: float = _help("AdamW weight decay", 0.01)
-    warmup_ratio: float = _help("fraction of steps for linear warm-up", 0.0)
+    warmup_ratio: float = _help("fraction of steps for linear warm-up (per_stage: of each stage's steps)", 0.0)
+    lr_schedule: str = _help("learning-rate schedule: run (one warm-up/decay for the run) | per_stage "
+                             "(restarted at every stage switch, over the stage's steps; one optimizer)", "run")
     batch_size: int = _help("training batch size per device", 32)
     eval_batch_size: int = _help("evaluation batch size", 64)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
@@ -113,6 +121,12 @@ class TrainConfig(MethodSettings, _WhatToTrain):
         self.method_config()  # the method's own checks (lora_r, adapter_type, peft_config_path, ...)
         if self.variant is not None and not self.variant.replace("-", "").replace("_", "").isalnum():
             raise ProgtuningError(f"variant {self.variant!r} must be letters, digits, - or _: it names the run's mode")
+        if self.variant_baseline and not self.variant:
+            raise ProgtuningError("variant_baseline needs a variant name: the run's mode is base-<variant>")
+        if self.compare_with is not None and not re.fullmatch(r"base(-[A-Za-z0-9_-]+)?", self.compare_with):
+            raise ProgtuningError(f"compare_with {self.compare_with!r} names no baseline: use base or base-<variant>")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ProgtuningError(f"unknown lr_schedule {self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
 
     def method_config(self) -> MethodConfig:
         """The method and its settings, as :func:`~progtuning.methods.api.apply_method` takes them."""

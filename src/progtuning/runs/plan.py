@@ -24,6 +24,7 @@ def build_plan(
     embeddings: str = "always",
     unit: str = "epoch",
     method: str = "full",
+    method_head: str = "classifier",
     num_labels: int = 2,
     stage_blocks: list | None = None,
     blocks: str | None = None,
@@ -36,7 +37,7 @@ def build_plan(
     config.num_labels = num_labels
     with torch.device("meta"):
         net = _model_from_config(config, task_type)
-        net = apply_method(net, MethodConfig(name=method), task_type=task_type)
+        net = apply_method(net, MethodConfig(name=method, method_head=method_head), task_type=task_type)
     layout = find_blocks(net, blocks=blocks)
     # equal shares of the run, as `progtuning train` spreads the stages
     if stage_blocks:
@@ -50,6 +51,7 @@ def build_plan(
         "model": model,
         "model_type": getattr(config, "model_type", None),
         "method": method,
+        "method_head": method_head,
         "num_blocks": layout.num_blocks,
         "block_paths": list(layout.block_paths),
         "epochs": epochs,
@@ -86,7 +88,8 @@ def render_plan(plan: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    title = f"{plan['model']} ({plan['model_type']}, {plan['num_blocks']} blocks) · method {plan['method']} · embeddings {plan['embeddings']}"
+    method = plan["method"] if plan["method"] == "full" else f"{plan['method']} (head: {plan['method_head']})"
+    title = f"{plan['model']} ({plan['model_type']}, {plan['num_blocks']} blocks) · method {method} · embeddings {plan['embeddings']}"
     stages = Table(title=title)
     for column in ("stage", "starts at", "blocks trained", "embeddings", "trainable params", "of them in blocks"):
         stages.add_column(column, justify="right" if "params" in column else "left")

@@ -1,10 +1,12 @@
 """Sweep reports: Markdown and CSV tables and PNG plots from many results.json files. Never trains.
 
-    progtuning report runs/sweep-minilm [more dirs] --out docs/results [--markdown docs/results.md]
+    progtuning report runs/sweep-minilm [more dirs] --out docs/results [--markdown docs/results.md] [--bootstrap 1000]
 
 This module finds the runs, groups them and computes the table rows (:func:`summarize_runs`), and
 writes the report (:func:`build_report`); the Markdown text is :mod:`progtuning.runs.report_markdown`,
-the plots :mod:`progtuning.runs.report_plots`.
+the plots :mod:`progtuning.runs.report_plots`. The study's statistics (each arm against its own
+baseline with a bootstrap interval, and the goal check) are :mod:`progtuning.runs.comparisons`,
+:mod:`progtuning.runs.goal` and :mod:`progtuning.runs.report_study`.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from progtuning.errors import ProgtuningError
 from progtuning.methods.registry import method_rank
 from progtuning.runs.results import PROBE_FILE, RESULTS_FILE, read_results
 
-# Runs are grouped by (model, task, method); inside a group the baseline runs (no Progtuning) are
-# compared with each Progtuning mode ("prog", or "prog-<variant>" from a sweep's variants), as
-# results.json records it (mode.label; older files: their sweep folder name, see runs.results). The
+# Runs are grouped by (model, task, method); inside a group each arm (a Progtuning mode: "prog", or
+# "prog-<variant>" from a sweep's variants; or a cheap baseline variant "base-<variant>") is compared
+# with the baseline its results.json names (mode.compared_with: "base", the runs without
+# Progtuning, unless the sweep named another; older files: their sweep folder name, see runs.results). The
 # score is the task's main metric on one split (default: test; no model selection ever looks at
 # it). Per group and mode: median and min–max over seeds, the difference of the medians, in how
 # many seeds (paired by seed) Progtuning scored at least the baseline, updated parameters (in
-# parameter-epochs, see progtuning.core.counting), the reduction, the ratio of median training times
-# and the median peak memory. Nothing is trained or re-evaluated here.
+# parameter-epochs, see progtuning.core.counting), the reduction, the median of the paired ratios of
+# training times and the median peak memory. Nothing is trained or re-evaluated here.
 
 REPORT_BEGIN = "<!-- report:begin -->"
 REPORT_END = "<!-- report:end -->"
@@ -47,9 +50,10 @@ class Run:
     model: str
     task: str
     method: str
-    mode: str  # "base", "prog" or "prog-<variant>"
+    mode: str  # "base", "prog", "prog-<variant>" or "base-<variant>"
     seed: int
     metric: str
+    compared_with: str | None = None  # the label of this arm's baseline (None: the plain baseline itself)
 
     def score(self, split: str) -> float | None:
         key = "test_score" if split == "test" else "validation_score"
@@ -130,6 +134,7 @@ def _run(path: Path, results: dict) -> Run:
         mode=results["mode"]["label"],
         seed=int(results.get("seed", config.get("seed", 0))),
         metric=str(results.get("main_metric") or task.get("main_metric") or "score"),
+        compared_with=results["mode"].get("compared_with"),
     )
 
 
@@ -140,11 +145,11 @@ def summarize_runs(runs: list[Run], split: str = "test") -> list[dict]:
         groups.setdefault((run.model, run.task, run.method), {}).setdefault(run.mode, Side()).runs.append(run)
     rows = []
     for (model, task, method), sides in sorted(groups.items(), key=lambda kv: group_order(kv[0])):
-        base = sides.get("base", Side())
         modes = sorted(m for m in sides if m != "base") or [None]
         for mode in modes:
             prog = sides[mode] if mode else Side()
-            rows.append(_row(model, task, method, mode, base, prog, split))
+            baseline = (prog.runs[0].compared_with if prog.runs else None) or "base"
+            rows.append(_row(model, task, method, mode, sides.get(baseline, Side()), prog, split, baseline))
     return rows
 
 
@@ -154,7 +159,7 @@ def group_order(key: tuple[str, str, str]):
     return (model, task, method_rank(method))
 
 
-def _row(model, task, method, mode, base: Side, prog: Side, split: str) -> dict:
+def _row(model, task, method, mode, base: Side, prog: Side, split: str, baseline: str = "base") -> dict:
     score = lambda run: run.score(split)  # noqa: E731
     field_ = lambda name: (lambda run: run.results.get(name))  # noqa: E731
     metric = (base.runs or prog.runs)[0].metric
@@ -165,12 +170,17 @@ def _row(model, task, method, mode, base: Side, prog: Side, split: str) -> dict:
     b_by_seed = {r.seed: r.score(split) for r in base.runs}
     pairs = [(b_by_seed[r.seed], r.score(split)) for r in prog.runs if b_by_seed.get(r.seed) is not None and r.score(split) is not None]
     b_time, p_time = base.median(field_("train_time_s")), prog.median(field_("train_time_s"))
+    # the train-time ratio: median of the paired (same-seed) ratios, as the study's comparisons give it
+    b_time_by_seed = {r.seed: r.results.get("train_time_s") for r in base.runs}
+    time_ratios = [r.results["train_time_s"] / b_time_by_seed[r.seed] for r in prog.runs
+                   if b_time_by_seed.get(r.seed) and r.results.get("train_time_s") is not None]
     configs = [r.results.get("config", {}) for r in base.runs + prog.runs]
     return {
         "model": model,
         "task": task,
         "method": method,
         "mode": mode or "",
+        "baseline": baseline,
         "metric": metric,
         "split": split,
         "n_base": len(base.values(score)),
@@ -191,7 +201,7 @@ def _row(model, task, method, mode, base: Side, prog: Side, split: str) -> dict:
         "reduction_blocks_only": prog.median(field_("reduction_blocks_only")),
         "base_train_time_s": b_time,
         "prog_train_time_s": p_time,
-        "time_ratio": (p_time / b_time) if b_time and p_time is not None else None,
+        "time_ratio": statistics.median(time_ratios) if time_ratios else None,
         "base_peak_rss_mb": base.median(field_("peak_rss_mb")),
         "prog_peak_rss_mb": prog.median(field_("peak_rss_mb")),
         "mixed_settings": ", ".join(_mixed_keys(configs)),
@@ -207,12 +217,13 @@ def _mixed_keys(configs: list[dict]) -> list[str]:
 # the report
 # --------------------------------------------------------------------------------------------
 CSV_COLUMNS = (
-    "model", "task", "method", "mode", "metric", "split", "n_base", "n_prog", "seeds",
+    "model", "task", "method", "mode", "baseline", "metric", "split", "n_base", "n_prog", "seeds",
     "base_median", "base_min", "base_max", "prog_median", "prog_min", "prog_max", "diff",
     "prog_wins", "pairs", "base_updated_params", "prog_updated_params", "reduction",
     "reduction_blocks_only", "base_train_time_s", "prog_train_time_s", "time_ratio",
     "base_peak_rss_mb", "prog_peak_rss_mb", "mixed_settings",
 )
+GOAL_COLUMNS = ("model", "method", "arm", "baseline", "tasks", "passing", "met", "passing_tasks", "failing")
 RUN_COLUMNS = (
     "path", "model", "task", "method", "mode", "seed", "metric", "validation_score", "test_score",
     "updated_params", "baseline_updated_params", "reduction", "reduction_blocks_only", "train_time_s",
@@ -227,8 +238,12 @@ def build_report(
     markdown: str | Path | None = None,
     title: str = "Progtuning sweep results",
     plots: bool = True,
+    bootstrap: int = 1000,
 ) -> dict:
-    """Write ``results.md``, ``results.csv`` (one row per group), ``runs.csv`` (one per run) and PNGs.
+    """Write ``results.md``, ``results.csv`` (one row per group), ``runs.csv`` (one per run),
+    ``comparisons.csv`` (each arm against its baseline), ``goal.csv`` and PNGs.
+
+    ``bootstrap``: resamples of the paired bootstrap (0: Δ without intervals).
 
     ``markdown``: write the Markdown there instead of ``out_dir/results.md``; if that file exists
     and holds the markers ``<!-- report:begin -->`` … ``<!-- report:end -->``, only the text
@@ -245,7 +260,14 @@ def build_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize_runs(runs, split)
-    written: dict[str, Any] = {"rows": rows, "runs": len(runs), "probes": len(probes)}
+    from progtuning.runs.comparisons import COMPARISON_COLUMNS, compare_runs
+    from progtuning.runs.goal import goal_check
+    from progtuning.runs.report_study import render_comparisons, render_goal
+
+    comparisons = compare_runs(runs, split, resamples=bootstrap)
+    goal = goal_check(comparisons)
+    written: dict[str, Any] = {"rows": rows, "runs": len(runs), "probes": len(probes),
+                               "comparisons": comparisons, "goal": goal}
 
     from progtuning.runs.report_markdown import render_markdown
     from progtuning.runs.report_plots import plot_bars, plot_metric_vs_params, plot_probe, plot_timelines
@@ -254,6 +276,8 @@ def build_report(
     if runs:
         written["csv"] = _write_csv(out_dir / "results.csv", CSV_COLUMNS, rows)
         written["runs_csv"] = _write_csv(out_dir / "runs.csv", RUN_COLUMNS, [_run_row(r) for r in runs])
+        written["comparisons_csv"] = _write_csv(out_dir / "comparisons.csv", COMPARISON_COLUMNS, comparisons)
+        written["goal_csv"] = _write_csv(out_dir / "goal.csv", GOAL_COLUMNS, [g.to_dict() for g in goal])
         if plots:
             images["scatter"] = plot_metric_vs_params(runs, out_dir / "metric_vs_params.png", split)
             images["bars"] = plot_bars(rows, out_dir / "bars.png")
@@ -265,7 +289,8 @@ def build_report(
     written["images"] = images
 
     md_path = Path(markdown) if markdown else out_dir / "results.md"
-    body = render_markdown(runs, rows, split, images, md_path.parent, probes)
+    study = (render_comparisons(comparisons, split) + render_goal(goal)) if comparisons else []
+    body = render_markdown(runs, rows, split, images, md_path.parent, probes, study)
     if md_path.is_file() and REPORT_BEGIN in (text := md_path.read_text()) and REPORT_END in text:
         # inside a hand-written document, under its own heading: no title of ours
         head, rest = text.split(REPORT_BEGIN, 1)

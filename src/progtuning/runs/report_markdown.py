@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 
 
 def render_markdown(
-    runs: list[Run], rows: list[dict], split: str, images: dict, md_dir: Path, probes: list[dict] | None = None
+    runs: list[Run], rows: list[dict], split: str, images: dict, md_dir: Path, probes: list[dict] | None = None,
+    study: list[str] | None = None,
 ) -> str:
-    """The report's Markdown body (no title): setup, the table, the claims, the plots, the probes."""
+    """The report's Markdown body (no title): setup, the study's sections (``study``: each arm against its
+    baseline, the goal check), the table, the claims, the plots, the probes."""
     probe_lines = []
     for i, probe in enumerate(probes or []):
         probe_images = images.get("probes") or []
@@ -29,11 +31,12 @@ def render_markdown(
         "median [min–max] over seeds. Δ = median(Progtuning) − median(baseline). "
         "“≥ base” = seeds (paired) where Progtuning scored at least the baseline. Updated parameters are "
         "parameter-epochs (Σ over epochs of parameters trainable in that epoch); reduction = 1 − Progtuning/baseline. "
-        "Train-time ratio = median training time (`train_time_s`: the Trainer's loop, per-epoch validation included) "
-        "with Progtuning / without. Peak memory = median peak RSS of the run's process.",
+        "Train-time ratio = median over seeds of the paired ratios of training time (`train_time_s`: the Trainer's "
+        "loop, per-epoch validation included), with Progtuning / without. Peak memory = median peak RSS of the run's process.",
         "",
     ]
     lines += _setup_section(runs)
+    lines += study or []
     lines += ["### Results", ""]
     lines += [
         "| model | task | method | mode | metric | baseline | Progtuning | Δ | ≥ base | updated params (base → prog) "
@@ -43,7 +46,7 @@ def render_markdown(
     for row in rows:
         lines.append(
             "| " + " | ".join([
-                row["model"], row["task"], row["method"], row["mode"] or "—", row["metric"],
+                row["model"], row["task"], row["method"], _mode_cell(row), row["metric"],
                 _score_cell(row["base_median"], row["base_min"], row["base_max"]),
                 _score_cell(row["prog_median"], row["prog_min"], row["prog_max"]),
                 _signed(row["diff"]),
@@ -153,7 +156,8 @@ def _setup_section(runs: list[Run]) -> list[str]:
 
 def _claims_section(rows: list[dict]) -> list[str]:
     """The paper's three claims beside what these runs measured, losses included."""
-    everything = [r for r in rows if r["diff"] is not None]
+    # Progtuning arms only: a cheap baseline variant (base-<variant>) is no claim of the paper's
+    everything = [r for r in rows if r["diff"] is not None and not r["mode"].startswith("base")]
     # The claims are about the paper's schedule ("prog"); variants are listed with the losses below.
     pairs = [r for r in everything if r["mode"] == "prog"]
     lines = ["### The paper's claims beside these runs", ""]
@@ -207,6 +211,14 @@ def _claims_section(rows: list[dict]) -> list[str]:
     else:
         lines.append("Progtuning's median was at or above its baseline's in every group.")
     return lines + [""]
+
+
+def _mode_cell(row: dict) -> str:
+    """The arm, and its baseline where that is not the plain one."""
+    if not row["mode"]:
+        return "—"
+    baseline = row.get("baseline") or "base"
+    return row["mode"] if baseline == "base" else f"{row['mode']} (vs {baseline})"
 
 
 def _g(value) -> str:

@@ -12,8 +12,11 @@ here. A run folder (``OUTPUT_DIR``) holds::
 
 ``results.json`` is one :class:`Results` mapping. Its ``mode`` says what the run compares: the
 method, whether Progtuning was on, the schedule and, in a sweep, the variant name, with a
-``label`` (``base``, ``prog``, ``prog-<variant>``) that reports group by. Results written before
-``mode`` existed get it from :func:`mode_of_legacy_run` when read (:func:`read_results`).
+``label`` (``base``, ``prog``, ``prog-<variant>``, or ``base-<variant>`` for a sweep's cheap
+baseline such as frozen embeddings) that reports group by, whether the run is a ``baseline``, and
+which baseline it is ``compared_with`` (``base`` unless the sweep named another). Results written
+before ``mode`` existed get it from :func:`mode_of_legacy_run` when read (:func:`read_results`),
+and a ``mode`` without the last two keys gets them from its label.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ SCHEMA_VERSION = 2  # 2: "mode" and "schema" added; 1 (no "schema" key): the fir
 class Mode(TypedDict):
     """What a run is, for grouping and comparing runs."""
 
-    label: str  # "base", "prog", or "prog-<variant>"
+    label: str  # "base", "prog", "prog-<variant>", or "base-<variant>" (a baseline variant)
     method: str  # full, lora, adapter, bitfit, peft
-    progtuning: bool  # False: the baseline (one all-trainable stage, measured the same way)
+    progtuning: bool  # False: the plain baseline (one all-trainable stage, measured the same way)
     schedule: str  # "none" (baseline), "progressive" (the paper's preset) or "explicit" (stage_blocks)
     embeddings: str  # the embedding policy (always, first_stage, never)
     variant: str | None  # a sweep's variant name (a named schedule change), else None
+    baseline: bool  # a baseline (plain, or a cheap one such as frozen embeddings), not a Progtuning arm
+    compared_with: str | None  # the label of the baseline reports compare it with (None: the plain baseline itself)
 
 
 class Results(TypedDict, total=False):
@@ -77,6 +82,8 @@ class Results(TypedDict, total=False):
     accounting: dict  # Accounting.to_dict()
     prefix_cache: dict  # per-stage cache records, hits, misses
     train_time_s: float  # the Trainer's loop, per-epoch validation included
+    per_example: dict  # split -> {"labels": [...], "outputs": [...]} (logits, or scores for regression); QA: {}
+    validation_curve: list  # [{epoch, step, train_time_s, score}] after each epoch; train_time_s excludes evaluation
     wall_time_s: float  # the whole run
     peak_rss_mb: float  # the process's peak resident memory
     log_history: list  # the Trainer's log
@@ -99,20 +106,32 @@ def run_mode(config: dict) -> Mode:
         schedule = "none"
     else:
         schedule = "explicit" if config.get("stage_blocks") else "progressive"
+    label = mode_label(config)
+    baseline = is_baseline_label(label)
     return {
-        "label": mode_label(config),
+        "label": label,
         "method": str(config.get("method", "full")),
         "progtuning": progtuning,
         "schedule": schedule,
         "embeddings": str(config.get("embeddings", "always")),
         "variant": variant,
+        "baseline": baseline,
+        "compared_with": None if label == "base" else "base" if baseline else (config.get("compare_with") or "base"),
     }
 
 
+def is_baseline_label(label: str) -> bool:
+    """``base`` and ``base-<variant>`` are baselines; ``prog...`` are Progtuning arms."""
+    return label == "base" or label.startswith("base-")
+
+
 def mode_label(config: dict) -> str:
-    """``base``; ``prog-<variant>`` in a sweep; else ``prog`` plus what differs from the paper's preset."""
+    """``base``; ``prog-<variant>`` (``base-<variant>`` for a baseline variant) in a sweep; else ``prog``
+    plus what differs from the paper's preset."""
     if not config.get("progtuning", True):
         return "base"
+    if config.get("variant") and config.get("variant_baseline"):
+        return f"base-{config['variant']}"
     if config.get("variant"):
         return f"prog-{config['variant']}"
     label = "prog"
@@ -147,6 +166,10 @@ def read_results(path: str | Path) -> dict:
     if "mode" not in results:
         config = results.get("config", {})
         results["mode"] = {**run_mode(config), "label": mode_of_legacy_run(path, config)}
+    mode = results["mode"]
+    if "baseline" not in mode:  # written before baseline variants existed: the label says it
+        mode["baseline"] = is_baseline_label(mode["label"])
+        mode["compared_with"] = None if mode["label"] == "base" else "base"
     return results
 
 

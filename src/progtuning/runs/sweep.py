@@ -13,18 +13,32 @@ A sweep YAML (first line: the command that runs it)::
       progtuning: [false, true]
       seed: [0, 1, 2]
       # model: [minilm-l6, minilm-l3]      # optional; adds a <model>/ level to the folders
-    variants:                              # optional extra Progtuning schedules, beside plain "prog"
+    variants:                              # optional extra arms, beside plain "prog"
       emb-first: {embeddings: first_stage}
+      frozen-emb: {baseline: true, stages: 1, embeddings: never}   # a cheap baseline: all blocks, no embeddings
+      emb-never: {embeddings: never, compare_with: frozen-emb}     # ... and the arm it is the baseline of
+      matched: {epochs: 5, stages: 3}      # compute-matched: more epochs for the cheaper arm
     models:  {minilm-l3: {...}}            # per-model overrides
     tasks:   {bbc-news: {max_length: 256, max_train_examples: 200}}
     methods: {full: {learning_rate: 5.0e-5}, lora: {learning_rate: 1.0e-3}}
 
 Each combination becomes ``OUTPUT_DIR/[<model>/]<task>/<method>/<base|prog>[-<variant>]/seed<k>``
 with the settings ``base`` < ``models[model]`` < ``tasks[task]`` < ``methods[method]`` < the grid
-values < the variant. Variants apply to the Progtuning runs only (a baseline has no schedule), so
-they may set schedule keys only (:data:`VARIANT_KEYS`); every variant is compared with the same
-baseline. A variant run's config carries ``variant: <name>``, so its results.json records the
-mode ``prog-<name>`` (reports read it from there, not from the folder name). Every combination is checked with :func:`progtuning.runs.config.load_config` before anything
+values < the variant. Variants are run beside the Progtuning runs (where the grid's ``progtuning``
+has ``true``) and may set the schedule keys and the training length (:data:`VARIANT_KEYS`: e.g.
+``epochs`` for a compute-matched arm, which gets the baseline's training time; ``lr_schedule``),
+plus two keys of their own:
+
+* ``baseline: true`` makes the variant a *baseline arm*, not a Progtuning arm: its folder and mode
+  are ``base-<name>`` (e.g. frozen embeddings, ``{baseline: true, stages: 1, embeddings: never}``:
+  every block trains, the embeddings never do, so a saving that comes from freezing the embeddings
+  alone is not credited to the schedule). Reports compare it with the plain baseline, for information.
+* ``compare_with: <baseline variant>`` names the baseline a Progtuning arm is compared with
+  (default: the plain baseline ``base``).
+
+A variant run's config carries ``variant: <name>`` (and ``variant_baseline`` / ``compare_with``),
+so its results.json records its mode (reports read it from there, not from the folder name).
+Every combination is checked with :func:`progtuning.runs.config.load_config` before anything
 runs, so a typo fails the sweep at once, not after an hour.
 
 Runs go in order seed → model → task → method → base, prog, variants: a sweep stopped early
@@ -65,10 +79,14 @@ from progtuning.runs.config import FIELDS, load_config, read_yaml
 from progtuning.runs.results import CONFIG_FILE, LOG_FILE, RESULTS_FILE, SWEEP_DIR
 SWEEP_KEYS = ("output_dir", "parallel", "base", "grid", "variants", "models", "tasks", "methods")
 GRID_KEYS = ("model", "task", "method", "progtuning", "seed")
-VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen")
+# What a variant may change: the schedule, how long it trains, and the learning-rate schedule.
+VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen",
+                "epochs", "lr_schedule")
+# A variant's own keys: whether it is a baseline arm, and which baseline a Progtuning arm is compared with.
+VARIANT_ROLE_KEYS = ("baseline", "compare_with")
 # The sweep owns these: every run writes into its own folder, replaces a crashed attempt and is
 # labelled by its variant.
-FORCED_KEYS = ("output_dir", "overwrite", "resume", "variant")
+FORCED_KEYS = ("output_dir", "overwrite", "resume", "variant", "variant_baseline", "compare_with")
 
 
 @dataclass
@@ -146,14 +164,26 @@ def expand_sweep(data: dict) -> Sweep:
     for name, variant in variants.items():
         if not isinstance(variant, dict):
             raise ProgtuningError(f"variant {name!r} must be a mapping of schedule keys, got {variant!r}")
-        extra = sorted(set(variant) - set(VARIANT_KEYS))
+        extra = sorted(set(variant) - set(VARIANT_KEYS) - set(VARIANT_ROLE_KEYS))
         if extra:
             raise ProgtuningError(
-                f"variant {name!r} sets {', '.join(extra)}: variants change the schedule only "
-                f"({', '.join(VARIANT_KEYS)}), since they share one baseline"
+                f"variant {name!r} sets {', '.join(extra)}: variants change the schedule and training length only "
+                f"({', '.join(VARIANT_KEYS)}; plus {', '.join(VARIANT_ROLE_KEYS)}), since they share the baselines"
             )
         if not str(name).replace("-", "").replace("_", "").isalnum():
             raise ProgtuningError(f"variant name {name!r} must be letters, digits, - or _: it becomes a folder name")
+    baseline_variants = {str(name) for name, v in variants.items() if _as_bool(v.get("baseline", False))}
+    for name, variant in variants.items():
+        target = variant.get("compare_with")
+        if target is None:
+            continue
+        if str(name) in baseline_variants:
+            raise ProgtuningError(f"variant {name!r} is a baseline: it is compared with base; drop its compare_with")
+        if str(target) != "base" and str(target) not in baseline_variants:
+            raise ProgtuningError(
+                f"variant {name!r} compares with {target!r}, which is not a baseline variant: use base or one of "
+                f"{', '.join(sorted(baseline_variants)) or '(none: mark a variant baseline: true)'}"
+            )
     for group, table in overrides.items():
         for key, value in table.items():
             if not isinstance(value, dict):
@@ -177,10 +207,7 @@ def expand_sweep(data: dict) -> Sweep:
                 modes.append(("base", {"progtuning": False}))
             else:
                 modes.append(("prog", {"progtuning": True}))
-                modes.extend(
-                    (f"prog-{name}", {"progtuning": True, **variant, "variant": str(name)})  # its mode in results.json
-                    for name, variant in variants.items()
-                )
+                modes.extend(_variant_mode(str(name), variant) for name, variant in variants.items())
         for mode, mode_values in modes:
             config: dict[str, Any] = dict(base)
             config.update(overrides["models"].get(str(model), {}))
@@ -201,6 +228,16 @@ def expand_sweep(data: dict) -> Sweep:
                 raise ProgtuningError(f"sweep run {name}: {error}")
             runs.append(RunSpec(name, run_dir, checked.to_dict()))  # every key: reproducible if defaults change
     return Sweep(output_dir=output_dir, parallel=parallel, runs=runs, source=data)
+
+
+def _variant_mode(name: str, variant: dict) -> tuple[str, dict]:
+    """A variant's folder name and config values (its mode in results.json follows from them)."""
+    values = {k: v for k, v in variant.items() if k not in VARIANT_ROLE_KEYS}
+    values.update({"progtuning": True, "variant": name})
+    if _as_bool(variant.get("baseline", False)):
+        return f"base-{name}", {**values, "variant_baseline": True}
+    target = str(variant.get("compare_with") or "base")
+    return f"prog-{name}", {**values, "compare_with": "base" if target == "base" else f"base-{target}"}
 
 
 def _mapping(data: dict, key: str) -> dict:

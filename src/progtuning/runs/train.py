@@ -40,6 +40,7 @@ from progtuning.cache.data import ExampleIndexCollator, add_example_index, input
 from progtuning.cache.prefix import unsupported_reason
 from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.runs.config import TrainConfig
+from progtuning.runs.validation_curve import ValidationCurve
 from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
 from progtuning.errors import ProgtuningError, warn
@@ -258,6 +259,7 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
 
         shard_by_block(model.to(args.device), layout)  # one FSDP2 unit per block, plus the root
         traffic = TrafficLog(callback)
+    curve = ValidationCurve(task.main_metric if evaluate_each_epoch else None)
     trainer = ProgtuningTrainer(
         model=model,
         args=args,
@@ -267,18 +269,24 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
         # history last: it sees every save
-        callbacks=[callback, telemetry, cache_callback, *([traffic] if traffic else []), history],
+        callbacks=[callback, telemetry, cache_callback, curve, *([traffic] if traffic else []), history],
         seal=_sealer(record),
+        lr_scheduler_factory=_lr_scheduler_factory(config, callback),
     )
     train_started = time.perf_counter()
     train_output = _fit(trainer, callback, config, output_dir, schedule, layout, resume_from)
     train_time = time.perf_counter() - train_started
 
-    metrics = {split: task.evaluate(trainer, features, split) for split in features.eval}
+    metrics, outputs = {}, {}
+    for split in features.eval:
+        metrics[split], split_outputs = task.evaluate_with_outputs(trainer, features, split)
+        if split_outputs is not None:
+            outputs[split] = split_outputs
     if config.save_model and (config.fsdp or trainer.is_world_process_zero()):  # FSDP: every rank gathers
         _save(trainer, model, tokenizer, config, output_dir)
-    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, history, cache_callback, traffic)
-    return _results(prepared, run, metrics)
+    run = _Trained(trainer, train_output, train_time, schedule, layout, callback, history, cache_callback, curve,
+                   traffic)
+    return _results(prepared, run, metrics, outputs)
 
 
 @dataclass
@@ -293,10 +301,11 @@ class _Trained:
     callback: ProgtuningCallback
     history: Any  # RunHistory: the whole run's stages, also after a resume
     cache_callback: PrefixCacheCallback
+    curve: ValidationCurve
     traffic: Any = None  # FSDP: the TrafficLog (bytes communicated and each rank's state per stage)
 
 
-def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
+def _results(prepared: Prepared, run: _Trained, metrics: dict, outputs: dict) -> dict:
     """The results.json mapping (its keys: :class:`progtuning.runs.results.Results`)."""
     from progtuning.runs.history import whole_run_loss
 
@@ -351,6 +360,10 @@ def _results(prepared: Prepared, run: _Trained, metrics: dict) -> dict:
         },
         "train_time_s": round(run.train_time, 2),
         **({"fsdp": {"stages": run.traffic.records()}} if run.traffic else {}),
+        # What paired statistics need: each example's output (bootstrap over examples), and the
+        # validation score after each epoch against training time so far (time to reach a score).
+        "per_example": outputs,
+        "validation_curve": run.curve.points,
         "log_history": state.log_history,
         "warnings": prepared.notes,
     }
@@ -367,6 +380,15 @@ def _sealer(record: dict | None):
         write_checksums(folder)
 
     return seal
+
+
+def _lr_scheduler_factory(config: TrainConfig, callback: ProgtuningCallback):
+    """``lr_schedule: per_stage``: the warm-up/decay restarts at every stage; ``run``: the Trainer's own."""
+    if config.lr_schedule != "per_stage":
+        return None
+    from progtuning.core.lr_schedule import per_stage_lr_scheduler
+
+    return lambda optimizer, num_training_steps: per_stage_lr_scheduler(optimizer, callback, config.warmup_ratio)
 
 
 def _training_arguments(config: TrainConfig, output_dir: Path, evaluate_each_epoch: bool, keep_all_columns: bool):

@@ -12,6 +12,7 @@ only ever talks to this interface, in this order::
     trainer = Trainer(..., train_dataset=features.train, data_collator=task.collator(tokenizer),
                       compute_metrics=task.trainer_metrics())
     scores = {split: task.evaluate(trainer, features, split) for split in features.eval}
+    # or task.evaluate_with_outputs(...): the same scores, plus each example's output (train uses it)
 
 Adding a kind (say, causal language modelling) is one module with one subclass, plus a source
 that returns it; nothing in the runner branches on the kind.
@@ -116,6 +117,15 @@ class Task(ABC):
         ``predict`` run the model over a split). Returns ``{metric: value}`` with
         :attr:`main_metric` among the keys.
         """
+
+    def evaluate_with_outputs(self, trainer: Any, features: Features, split: str) -> tuple[dict[str, float], dict | None]:
+        """:meth:`evaluate`, plus each example's label and model output where the kind keeps them.
+
+        The outputs (``{"labels": [...], "outputs": [...]}``, in the split's order) let a report
+        rescore a resampled split with the task's metric (a bootstrap over examples). Kinds whose
+        score needs post-processing (QA) return ``None``.
+        """
+        return self.evaluate(trainer, features, split), None
 
     def summary(self, data: DatasetDict) -> dict[str, Any]:
         """The task as results.json records it."""

@@ -8,6 +8,8 @@ One module, so each score has one definition and one rule for the undefined case
 * SQuAD answers are normalised as the official ``evaluate-v1.1.py`` / ``evaluate-v2.0.py`` do.
 
 Task sources pick their metric from here (:data:`MetricFn`: ``(predictions, labels) -> {name: value}``).
+Each classification and regression metric also carries ``resampled``, the same scores on many
+resamples at once for a bootstrap (:mod:`progtuning.tasks.resampled`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from progtuning.errors import ProgtuningError
+from progtuning.tasks.resampled import resampled_classification, resampled_regression
 
 # (predictions, labels) -> {"metric_name": value}. For classification `predictions` are the
 # logits, shape (n, num_labels); for regression the raw outputs, shape (n,) or (n, 1).
@@ -54,6 +57,11 @@ def matthews(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"matthews_correlation": float(matthews_corrcoef(np.asarray(labels).astype(int), class_ids(predictions)))}
 
 
+accuracy.resampled = resampled_classification()  # type: ignore[attr-defined]
+f1_and_accuracy.resampled = resampled_classification(2)  # type: ignore[attr-defined]
+matthews.resampled = resampled_classification()  # type: ignore[attr-defined]
+
+
 def classification_metric(num_labels: int, f1_name: str = "f1") -> MetricFn:
     """Accuracy plus F1 of class 1 (binary, reported as ``f1_name``) or macro F1 (multi-class)."""
 
@@ -70,6 +78,7 @@ def classification_metric(num_labels: int, f1_name: str = "f1") -> MetricFn:
             )
         return result
 
+    metric.resampled = resampled_classification(num_labels, f1_name)  # type: ignore[attr-defined]
     return metric
 
 
@@ -102,10 +111,16 @@ def regression_metric(predictions: np.ndarray, labels: np.ndarray) -> dict[str, 
     return {"pearson": pearson, "spearman": spearman, "mse": mse}
 
 
+regression_metric.resampled = resampled_regression  # type: ignore[attr-defined]
+
+
 def pearson_and_spearmanr(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """GLUE's STS-B scores, under the names of the GLUE metric (``spearmanr``)."""
     pearson, spearman = correlations(predictions, labels)
     return {"pearson": pearson, "spearmanr": spearman}
+
+
+pearson_and_spearmanr.resampled = resampled_regression  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------- SQuAD

@@ -98,3 +98,18 @@ class TextTask(Task):
     def evaluate(self, trainer, features: Features, split: str) -> dict[str, float]:
         scores = trainer.evaluate(features.eval[split], metric_key_prefix=split)
         return {key.removeprefix(split + "_"): value for key, value in scores.items()}
+
+    def evaluate_with_outputs(self, trainer, features: Features, split: str) -> tuple[dict[str, float], dict]:
+        prediction = trainer.predict(features.eval[split], metric_key_prefix=split)
+        scores = {key.removeprefix(split + "_"): value for key, value in prediction.metrics.items()}
+        return scores, per_example_outputs(prediction)
+
+
+def per_example_outputs(prediction) -> dict:
+    """Labels and model outputs of one scored split (logits per class; one score for regression),
+    rounded to 5 decimals for a compact results.json; ``self.metric(outputs, labels)`` rescored."""
+    outputs = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim == 2 and outputs.shape[1] == 1:
+        outputs = outputs[:, 0]
+    return {"labels": np.asarray(prediction.label_ids).tolist(), "outputs": np.round(outputs, 5).tolist()}
