@@ -13,6 +13,10 @@ Drop it into any ``Trainer``::
 * The schedule, block layout and current stage travel in every checkpoint's
   ``trainer_state.json`` (``stateful_callbacks["progtuning"]``); a resume checks the checkpoint
   was made by the same schedule on the same model.
+* ``schedule="contribution"`` (or a :class:`~progtuning.core.contribution.ContributionPolicy`)
+  decides during the run which lowest blocks freeze, from signals measured around the optimizer
+  step (``on_pre_optimizer_step`` / ``on_optimizer_step``); the signal state and the decision log
+  travel in the same checkpoint entry, so a resumed run decides exactly as an uninterrupted one.
 
 That entry is deliberately not an ``ExportableState`` (keyed by class name): with
 ``restore_callback_states_from_checkpoint`` the Trainer would rebuild the callback from the
@@ -30,6 +34,8 @@ import torch
 from transformers import TrainerCallback
 
 from progtuning.core.blocks import find_blocks
+from progtuning.core.contribution import ContributionPolicy
+from progtuning.core.contribution_freezer import ContributionFreezer
 from progtuning.core.distributed import check_trainer_parallelism
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer, StageChange
@@ -73,20 +79,23 @@ class ProgtuningCallback(TrainerCallback):
 
     Give a ready :class:`Schedule`, or let the callback build the paper's preset from the model
     at train start: ``num_stages`` parts (default: the run's number of epochs), the embedding
-    policy and the stage unit.
+    policy and the stage unit. ``schedule="contribution"`` (with ``target_reduction``) or a
+    :class:`ContributionPolicy` freezes by measured contribution instead.
     """
 
     def __init__(
         self,
-        schedule: Schedule | None = None,
+        schedule: Schedule | ContributionPolicy | str | None = None,
         *,
+        target_reduction: float | None = None,
         num_stages: int | None = None,
         embeddings: EmbeddingPolicy = "always",
         unit: Unit = "epoch",
         blocks: str | list[str] | None = None,
         eval_frozen_blocks: bool = True,
     ) -> None:
-        self.schedule = schedule
+        self.policy = _contribution_policy(schedule, target_reduction)
+        self.schedule = None if self.policy is not None else schedule
         self.num_stages = num_stages
         self.embeddings = embeddings
         self.unit = unit
@@ -105,7 +114,7 @@ class ProgtuningCallback(TrainerCallback):
         self.total_steps = state.max_steps
         self.steps_per_epoch = _updates_per_epoch(train_dataloader, args, state)
         layout = find_blocks(model, blocks=self.blocks)
-        if self.schedule is None:
+        if self.schedule is None and self.policy is None:
             # The run's epochs as the Trainer counts them (max_steps wins over num_train_epochs).
             epochs = math.ceil(self.total_steps / self.steps_per_epoch)
             stages = self.num_stages or max(1, epochs)
@@ -115,7 +124,13 @@ class ProgtuningCallback(TrainerCallback):
             # for frozen by the method and never train it again.
             self.freezer.restore()
             self.freezer.close()
-        self.freezer = ProgressiveFreezer(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
+        if self.policy is not None:
+            self.freezer = ContributionFreezer(model, self.policy, layout, embeddings=self.embeddings,
+                                               eval_frozen_blocks=self.eval_frozen_blocks)
+            self.schedule = self.freezer.schedule
+            self.freezer.start(self.total_steps)
+        else:
+            self.freezer = ProgressiveFreezer(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
         # Several processes: FSDP/DeepSpeed are refused, DDP needs find_unused_parameters (see distributed.py).
         self.distributed_mode = check_trainer_parallelism(args, model, self.schedule)
         if state.global_step > 0:
@@ -133,6 +148,16 @@ class ProgtuningCallback(TrainerCallback):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
         self.changes.append(change)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if isinstance(self.freezer, ContributionFreezer):
+            self.freezer.before_optimizer_step(state.global_step)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if isinstance(self.freezer, ContributionFreezer):
+            self.freezer.after_optimizer_step(state.global_step)
+            # kept current, so whichever step a checkpoint is written at holds the signals up to it
+            state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.records:
@@ -160,12 +185,15 @@ class ProgtuningCallback(TrainerCallback):
         return [record.to_dict() for record in self.records]
 
     def _resume_check_data(self) -> dict:
-        return {
+        data = {
             "stage": self.freezer.stage_index,
             "schedule": self.schedule.to_dict(),
             "schedule_fingerprint": self.schedule.fingerprint(),
             "block_paths": list(self.freezer.layout.block_paths),
         }
+        if isinstance(self.freezer, ContributionFreezer):
+            data["contribution"] = self.freezer.state_dict()
+        return data
 
     def _check_resume(self, args, state) -> None:
         # `state` was loaded from the checkpoint's trainer_state.json, wherever the checkpoint lies.
@@ -181,12 +209,28 @@ class ProgtuningCallback(TrainerCallback):
             raise ProgtuningError(
                 "the checkpoint was made on a model with other blocks: resume with the same model and method"
             )
+        if isinstance(self.freezer, ContributionFreezer) and "contribution" in saved:
+            self.freezer.load_state_dict(saved["contribution"])
 
     def _close_record(self, step: int) -> None:
         if self.records and self.records[-1].end_step is None:
             record = self.records[-1]
             record.end_step = step
             record.wall_time_s = time.perf_counter() - record.start_time
+
+
+def _contribution_policy(schedule, target_reduction: float | None) -> ContributionPolicy | None:
+    if isinstance(schedule, ContributionPolicy):
+        if target_reduction is not None:
+            raise ProgtuningError("give target_reduction inside the ContributionPolicy, not beside it")
+        return schedule
+    if schedule == "contribution":
+        return ContributionPolicy(target_reduction=target_reduction)
+    if isinstance(schedule, str):
+        raise ProgtuningError(f"unknown schedule {schedule!r}: give a Schedule, 'contribution' or a ContributionPolicy")
+    if target_reduction is not None:
+        raise ProgtuningError("target_reduction needs schedule='contribution'")
+    return None
 
 
 def _updates_per_epoch(train_dataloader, args, state) -> int:

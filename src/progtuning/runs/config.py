@@ -23,6 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from progtuning.errors import ProgtuningError
+from progtuning.core.contribution import SCHEDULES, check_policy_values
 from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
 
 METHODS = ("full", "lora", "adapter", "bitfit", "peft")  # peft: any peft method from --peft-config
@@ -66,6 +67,15 @@ class TrainConfig:
     adapter_train_layernorm: Optional[bool] = _help("train the blocks' LayerNorms with adapters (default: houlsby yes, pfeiffer no)")
     # -- Progtuning --
     progtuning: bool = _help("progressive freezing on (off = the baseline run with everything else equal)", True)
+    schedule: str = _help("fixed (the paper: part t freezes at stage t) | contribution (decided from signals "
+                          "measured during the run)", "fixed")
+    target_reduction: Optional[float] = _help("contribution: fraction of updated parameters to save vs no freezing "
+                                              "(e.g. 0.25); without it the signals alone decide")
+    contribution_threshold: Optional[float] = _help("contribution: a block is ready to freeze when its contribution "
+                                                    "per parameter is below this fraction of the best block's "
+                                                    "(default 0.3)")
+    decision_interval: float = _help("contribution: fraction of the run's optimizer steps between decisions", 0.1)
+    signal_every: int = _help("contribution: measure the signals every N optimizer steps", 1)
     stages: Optional[int] = _help("number of parts/stages T (default: epochs)")
     embeddings: str = _help("embeddings train: always | first_stage | never", "always")
     stage_unit: str = _help("stage boundaries per epoch or per fraction of optimizer steps", "epoch")
@@ -113,6 +123,21 @@ class TrainConfig:
             raise ProgtuningError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.stages is not None and self.stages < 1:
             raise ProgtuningError(f"stages must be at least 1, got {self.stages}")
+        self._validate_schedule_kind()
+
+    def _validate_schedule_kind(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ProgtuningError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        check_policy_values(self.target_reduction, self.contribution_threshold, self.decision_interval, self.signal_every)
+        if self.schedule == "contribution":
+            for key in ("stages", "stage_blocks"):
+                if getattr(self, key):
+                    raise ProgtuningError(
+                        f"{key} sets a fixed schedule but schedule is contribution: drop {key}, or use schedule: fixed"
+                    )
+        elif self.target_reduction is not None or self.contribution_threshold is not None:
+            key = "target_reduction" if self.target_reduction is not None else "contribution_threshold"
+            raise ProgtuningError(f"{key} applies to the contribution schedule: add --schedule contribution")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

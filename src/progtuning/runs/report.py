@@ -39,9 +39,15 @@ def print_run_summary(results: dict) -> None:
     table.add_row("without Progtuning", f"{results['baseline_updated_params']:,}")
     table.add_row("reduction (all trainable)", f"{results['reduction']:.1%}")
     table.add_row("reduction (blocks only)", f"{results['reduction_blocks_only']:.1%}")
+    from progtuning.runs.contribution import decision_lines
+
+    for label, value in decision_lines(results):
+        table.add_row(label, value)
+    contribution = bool(results.get("contribution"))
     for stage in results["stages"]:
+        name = f"{stage['stage']} lowest blocks frozen" if contribution else f"stage {stage['stage'] + 1}"
         table.add_row(
-            f"stage {stage['stage'] + 1} (steps {stage['start_step']}-{stage['end_step']})",
+            f"{name} (steps {stage['start_step']}-{stage['end_step']})",
             f"{stage['trainable_params']:,} params · {stage['wall_time_s']:.1f} s",
         )
     table.add_row("wall time", f"{results['wall_time_s']:.1f} s (training {results['train_time_s']:.1f} s)")
@@ -69,7 +75,8 @@ REPORT_END = "<!-- report:end -->"
 _MODE = re.compile(r"^(base|prog)(-[A-Za-z0-9_-]+)?$")
 # config keys that may differ inside one group without making its runs incomparable
 _RUN_KEYS = {"seed", "output_dir", "overwrite", "resume", "progtuning", "threads", "save_model", "save_checkpoints",
-             "logging_steps", "embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen"}
+             "logging_steps", "embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen",
+             "schedule", "target_reduction", "contribution_threshold", "decision_interval", "signal_every"}
 
 
 @dataclass
@@ -177,6 +184,10 @@ def run_mode(path: Path, config: dict) -> str:
     if not config.get("progtuning", True):
         return "base"
     mode = "prog"
+    if config.get("schedule", "fixed") == "contribution":
+        mode += "-contribution"
+        if config.get("target_reduction") is not None:
+            mode += f"-r{config['target_reduction']:g}"
     if config.get("stage_blocks"):
         mode += "-explicit"
     if config.get("embeddings", "always") != "always":
@@ -685,6 +696,27 @@ def plot_bars(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def stage_timeline(results: dict) -> tuple[list[int], list[int]]:
+    """Step and trainable-parameter points of a run's stages, as a step line.
+
+    A contribution run draws its *realised* stages (its decision log survives a resume); the rest
+    draw the stage records the callback wrote.
+    """
+    stages = results.get("stages", [])
+    realised = (results.get("contribution") or {}).get("realised_stages")
+    if realised:
+        trainable = {s["index"]: s["trainable_params"] for s in results.get("accounting", {}).get("stages", [])}
+        stages = [{**s, "trainable_params": trainable.get(s["stage"], 0)} for s in realised]
+    xs, ys = [], []
+    for stage in stages:
+        end = stage.get("end_step")
+        if end is None:
+            end = results.get("steps", stage["start_step"])
+        xs += [stage["start_step"], end]
+        ys += [stage["trainable_params"], stage["trainable_params"]]
+    return xs, ys
+
+
 def plot_timelines(runs: list[Run], out_dir: Path) -> list[Path]:
     """One PNG per (model, task, method): trainable parameters and training loss over steps, every run."""
     out_dir = Path(out_dir)
@@ -703,15 +735,16 @@ def plot_timelines(runs: list[Run], out_dir: Path) -> list[Path]:
             color = colors[seeds.index(run.seed) % len(colors)]
             style = "--" if run.mode == "base" else ["-", ":", "-."][modes.index(run.mode) % 3]
             label = f"{run.mode} seed {run.seed}"
-            xs, ys = [], []
-            for stage in run.results.get("stages", []):
-                end = stage.get("end_step")
-                if end is None:
-                    end = run.results.get("steps", stage["start_step"])
-                xs += [stage["start_step"], end]
-                ys += [stage["trainable_params"], stage["trainable_params"]]
+            xs, ys = stage_timeline(run.results)
             if xs:
                 top.plot(xs, ys, style, color=color, label=label)
+            for decision in (run.results.get("contribution") or {}).get("decisions", []):
+                if decision.get("froze_blocks"):  # where the contribution schedule froze blocks, and which
+                    top.axvline(decision["step"], color=color, alpha=0.25, linewidth=0.8)
+                    blocks = decision["froze_blocks"]
+                    top.annotate(f"-{blocks[0]}" if len(blocks) == 1 else f"-{blocks[0]}..{blocks[-1]}",
+                                 (decision["step"], top.get_ylim()[1]), fontsize=6, color=color,
+                                 rotation=90, va="top", ha="right")
             losses = [(e["step"], e["loss"]) for e in run.results.get("log_history", []) if "loss" in e and "step" in e]
             if losses:
                 bottom.plot(*zip(*losses), style, color=color, marker=".", markersize=3, label=label)

@@ -66,7 +66,8 @@ RESULTS_FILE = "results.json"
 SWEEP_DIR = "_sweep"
 SWEEP_KEYS = ("output_dir", "parallel", "base", "grid", "variants", "models", "tasks", "methods")
 GRID_KEYS = ("model", "task", "method", "progtuning", "seed")
-VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen")
+VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen",
+                "schedule", "target_reduction", "contribution_threshold", "decision_interval", "signal_every")
 # The sweep owns these: every run writes into its own folder and replaces a crashed attempt.
 FORCED_KEYS = ("output_dir", "overwrite", "resume")
 

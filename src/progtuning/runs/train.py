@@ -42,6 +42,8 @@ from progtuning.cache.prefix_cache import (
     unsupported_reason,
 )
 from progtuning.runs.config import TrainConfig
+from progtuning.core.contribution_freezer import prefix_ladder
+from progtuning.runs.contribution import check_target_up_front, contribution_policy
 from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
 from progtuning.errors import ProgtuningError
@@ -91,6 +93,7 @@ def run(config: TrainConfig) -> dict:
 
         refuse_unsupported_parallelism()  # FSDP / DeepSpeed from the launcher: one line before any loading
     prepared = prepare(config)
+    check_target_up_front(config, prepared.model)  # an unreachable target_reduction: one line, nothing written
     if config.overwrite and output_dir.exists() and not config.resume and launcher_rank() == 0:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -279,8 +282,10 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
 
     config, model, tokenizer = prepared.config, prepared.model, prepared.tokenizer
     layout = find_blocks(model, blocks=config.blocks)
-    schedule = build_schedule(config, layout.num_blocks)
-    callback = ProgtuningCallback(schedule, blocks=config.blocks, eval_frozen_blocks=config.eval_frozen_blocks)
+    policy = contribution_policy(config)
+    schedule = prefix_ladder(layout.num_blocks, config.embeddings) if policy else build_schedule(config, layout.num_blocks)
+    callback = ProgtuningCallback(policy or schedule, blocks=config.blocks, embeddings=config.embeddings,
+                                  eval_frozen_blocks=config.eval_frozen_blocks)
 
     if prepared.is_qa:
         train_set, eval_sets, eval_features = tokenize_qa(prepared.data, tokenizer, config)
@@ -367,8 +372,12 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
 
     steps_per_epoch = callback.steps_per_epoch
     # From the schedule, not from the stage records: a resumed run recorded only its second half,
-    # and the stages switch exactly where planned (test_train checks it).
-    lengths = schedule.stage_lengths(steps_per_epoch, trainer.state.global_step)
+    # and the stages switch exactly where planned (test_train checks it). The contribution schedule
+    # keeps its whole history in the checkpoint instead.
+    if policy:
+        lengths = callback.freezer.level_lengths(trainer.state.global_step)
+    else:
+        lengths = schedule.stage_lengths(steps_per_epoch, trainer.state.global_step)
     accounting = count_updates(callback.freezer, lengths, epochs=trainer.state.global_step / steps_per_epoch)
     main = prepared.task.main_metric
     return {
@@ -384,7 +393,8 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
             "method_trainable_params": accounting.method_trainable_params,
         },
         "schedule": schedule.to_dict(),
-        "planned_stage_starts": schedule.stage_starts(steps_per_epoch, callback.total_steps),
+        "planned_stage_starts": None if policy else schedule.stage_starts(steps_per_epoch, callback.total_steps),
+        **({"contribution": callback.freezer.summary(trainer.state.global_step)} if policy else {}),
         "stages": [
             {**record, "blocks": list(schedule.stages[record["stage"]].blocks)} for record in callback.stage_records()
         ],
