@@ -68,12 +68,14 @@ def test_the_signal_is_gradient_times_update_without_a_copy_of_the_weights():
         direct = -sum((params[n].grad.double() * (params[n].detach().double() - before[n].double())).sum().item()
                       for n in names)
         norm = sum(params[n].grad.double().pow(2).sum().item() for n in names) ** 0.5
-        # <g, W_before> - <g, W_after> sums float32 products in float64: each product is rounded once
-        # (relative 2^-24), so the difference is off by at most 2^-24 x sum |g W| twice over
-        bound = 2 * 2**-24 * sum((params[n].grad.double() * params[n].detach().double()).abs().sum().item() for n in names)
-        assert direct > 0
-        assert freezer.tracker.mean_contribution(i) == pytest.approx(direct, abs=2 * bound + 1e-12)
-        assert freezer.tracker.mean_grad_norm(i) == pytest.approx(norm, rel=1e-6)
+        # <g, W_before> - <g, W_after> are two float32 dots of k terms each: each is off by at most
+        # k x 2^-24 x sum |g W| (the textbook bound for a float32 sum of k products), so their difference by twice that
+        k = max(params[n].numel() for n in names)
+        bound = 2 * k * 2**-24 * sum((params[n].grad.double() * params[n].detach().double()).abs().sum().item()
+                                     for n in names)
+        assert direct > 0 and bound < 0.05 * direct  # the bound is tight enough to mean something
+        assert freezer.tracker.mean_contribution(i) == pytest.approx(direct, abs=bound)
+        assert freezer.tracker.mean_grad_norm(i) == pytest.approx(norm, rel=k * 2**-24)
 
 
 def test_blocks_whose_gradients_vanish_freeze_first_and_stay_untouched():

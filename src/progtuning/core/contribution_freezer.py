@@ -7,9 +7,9 @@ it measures, not by a step counter. Everything that works with a freezer works w
 callback, the frozen-prefix cache (stage k = the prefix of k blocks), the DDP helpers and the
 accounting (:meth:`ContributionFreezer.level_lengths` gives the steps each rung ran).
 
-Measuring costs no copy of the weights: for each block still training, ``<g, W>`` (float64 sums)
-just before the optimizer step and again just after it, with the same gradient, every
-``signal_every`` steps; the difference is the block's first-order share of the loss decrease. With
+Measuring costs no copy of the weights: for each block still training, ``<g, W>`` (one float32
+dot per parameter) just before the optimizer step and again just after it, with the same gradient,
+every ``signal_every`` steps; the difference is the block's first-order share of the loss decrease. With
 several processes the gradients are already averaged at that point, and rank 0's numbers are
 broadcast, so every rank keeps the same averages and makes the same decisions.
 
@@ -148,10 +148,14 @@ class ContributionFreezer(ProgressiveFreezer):
 
     # -- signals -----------------------------------------------------------------------------------
     def _grad_dot_weights(self) -> torch.Tensor:
-        return self._per_block(lambda p: (p.grad * p.detach()).sum(dtype=torch.float64))
+        # One BLAS dot per parameter, in float32 at least. The difference of the two dots (before and
+        # after the step) was measured against -<g, W_after - W_before> computed from a copy in
+        # float64, on MiniLM-L6 at learning rates 5e-5 and 1e-5: within 1.1e-4 of it, relatively;
+        # float64 sums were 100x closer and 6x slower, for nothing a decision could see.
+        return self._per_block(lambda p: torch.dot(_flat(p.grad), _flat(p.detach())))
 
     def _grad_norms(self) -> torch.Tensor:
-        return self._per_block(lambda p: p.grad.pow(2).sum(dtype=torch.float64)).sqrt()
+        return self._per_block(lambda p: torch.linalg.vector_norm(_flat(p.grad)) ** 2).sqrt()
 
     def _per_block(self, value) -> torch.Tensor:
         """One float64 per block (NaN where the block has no gradient: frozen, or unused this step)."""
@@ -160,7 +164,7 @@ class ContributionFreezer(ProgressiveFreezer):
         for i in range(self.frozen, self.layout.num_blocks):
             terms = [value(self.params[n]) for n in self._block_names[i] if self.params[n].grad is not None]
             if terms:
-                out[i] = torch.stack(terms).sum()
+                out[i] = torch.stack(terms).double().sum()
         return out
 
     # -- decisions ---------------------------------------------------------------------------------
@@ -256,6 +260,11 @@ class ContributionFreezer(ProgressiveFreezer):
         self.history = [(int(s), int(k)) for s, k in state["history"]]
         self.decisions = list(state["decisions"])
         self.tracker = SignalTracker.from_dict(self.layout.num_blocks, state["tracker"])
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.reshape(-1)
+    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
 
 def _from_rank_zero(values: torch.Tensor) -> torch.Tensor:
