@@ -12,6 +12,8 @@ or, in a plain PyTorch loop, :class:`ProgressiveFreezer` with a :func:`progressi
 
 from progtuning.core.blocks import BlockLayout, find_blocks
 from progtuning.core.callback import ProgtuningCallback
+from progtuning.core.contribution import ContributionPolicy
+from progtuning.core.contribution_freezer import ContributionFreezer
 from progtuning.runs.checkpoints import ProgtuningTrainer
 from progtuning.core.counting import Accounting, count_updates, plan_updates
 from progtuning.core.distributed import DistributedFreezer
@@ -23,6 +25,8 @@ from progtuning.core.schedule import Schedule, Stage, explicit, no_progtuning, p
 __all__ = [
     "Accounting",
     "BlockLayout",
+    "ContributionFreezer",
+    "ContributionPolicy",
     "DistributedFreezer",
     "MethodConfig",
     "ProgressiveFreezer",

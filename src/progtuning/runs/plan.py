@@ -36,7 +36,7 @@ def build_plan(
     """The plan as one JSON-ready dict (see ``progtuning plan --json``).
 
     ``schedule="contribution"``: only the bounds (no freezing ↔ the target), since the stages are
-    decided during the run (:func:`progtuning.runs.contribution.plan_bounds`).
+    decided during the run (:func:`progtuning.runs.contribution.contribution_plan`).
     """
     from progtuning.runs.config import TrainConfig
     from progtuning.methods.api import apply_method
