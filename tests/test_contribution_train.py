@@ -177,3 +177,20 @@ def test_real_minilm_trains_with_the_contribution_schedule_and_reports(tmp_path)
     assert all(d["contribution"][5] is not None for d in summary["decisions"])  # the top block is always measured
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     assert list((tmp_path / "report" / "timelines").glob("*.png"))
+
+
+def test_a_sweep_runs_the_contribution_schedule_as_a_variant_beside_the_fixed_one(tmp_path):
+    from progtuning.runs.sweep import expand_sweep
+
+    sweep = expand_sweep({
+        "output_dir": str(tmp_path / "sweep"),
+        "base": {"model": "minilm-l6", "epochs": 3},
+        "grid": {"task": ["rotten-tomatoes"], "method": ["full", "lora"], "progtuning": [False, True], "seed": [0]},
+        "variants": {"contribution": {"schedule": "contribution", "target_reduction": 0.156}},
+    })
+    names = [r.name for r in sweep.runs]
+    assert names[:3] == ["rotten-tomatoes/full/base/seed0", "rotten-tomatoes/full/prog/seed0",
+                         "rotten-tomatoes/full/prog-contribution/seed0"]
+    variant = sweep.runs[2].config
+    assert (variant["schedule"], variant["target_reduction"], variant["progtuning"]) == ("contribution", 0.156, True)
+    assert sweep.runs[0].config.get("schedule", "fixed") == "fixed"  # the baseline has no schedule
