@@ -65,7 +65,8 @@ from progtuning.runs.config import FIELDS, load_config, read_yaml
 from progtuning.runs.results import CONFIG_FILE, LOG_FILE, RESULTS_FILE, SWEEP_DIR
 SWEEP_KEYS = ("output_dir", "parallel", "base", "grid", "variants", "models", "tasks", "methods")
 GRID_KEYS = ("model", "task", "method", "progtuning", "seed")
-VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen")
+VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen",
+                "schedule", "target_reduction", "contribution_threshold", "decision_interval", "signal_every")
 # The sweep owns these: every run writes into its own folder, replaces a crashed attempt and is
 # labelled by its variant.
 FORCED_KEYS = ("output_dir", "overwrite", "resume", "variant")
