@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "Accounting": "progtuning.core.counting",
     "BlockLayout": "progtuning.core.blocks",
+    "ContributionFreezer": "progtuning.core.contribution_freezer",
+    "ContributionPolicy": "progtuning.core.contribution",
     "DistributedFreezer": "progtuning.core.distributed",
     "MethodConfig": "progtuning.methods.config",
     "ProgressiveFreezer": "progtuning.core.freezing",
@@ -52,6 +54,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "Accounting",
     "BlockLayout",
+    "ContributionFreezer",
+    "ContributionPolicy",
     "DistributedFreezer",
     "MethodConfig",
     "ProgressiveFreezer",

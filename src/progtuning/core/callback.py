@@ -17,6 +17,10 @@ Drop it into any ``Trainer``::
 * The schedule, block layout and current stage travel in every checkpoint's
   ``trainer_state.json`` (``stateful_callbacks["progtuning"]``); a resume checks the checkpoint
   was made by the same schedule on the same model.
+* ``schedule="contribution"`` (or a :class:`~progtuning.core.contribution.ContributionPolicy`)
+  decides during the run which lowest blocks freeze, from signals measured around the optimizer
+  step (``on_pre_optimizer_step`` / ``on_optimizer_step``); the signal state and the decision log
+  travel in the same checkpoint entry, so a resumed run decides exactly as an uninterrupted one.
 
 That entry is deliberately not an ``ExportableState`` (keyed by class name): with
 ``restore_callback_states_from_checkpoint`` the Trainer would rebuild the callback from the
@@ -31,6 +35,8 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback
 
 from progtuning.core.blocks import TiedHead, find_blocks
+from progtuning.core.contribution import ContributionPolicy
+from progtuning.core.contribution_freezer import ContributionFreezer
 from progtuning.core.distributed import check_trainer_parallelism
 from progtuning.core.fsdp import ShardedFreezer, is_sharded
 from progtuning.errors import ProgtuningError
@@ -68,15 +74,18 @@ class ProgtuningCallback(TrainerCallback):
 
     Give a ready :class:`Schedule`, or let the callback build the paper's preset from the model
     at train start: ``num_stages`` parts (default: the run's number of epochs) with equal shares of
-    the run, the embedding policy and the stage unit. ``tied_head`` places an input embedding tied to the output head
+    the run, the embedding policy and the stage unit. ``schedule="contribution"`` (with
+    ``target_reduction``) or a :class:`ContributionPolicy` freezes by measured contribution instead.
+    ``tied_head`` places an input embedding tied to the output head
     (GPT-2, tied Llama/Qwen2, T5 LM heads): "head" trains it in every stage, "embeddings" makes it
     follow the embedding policy.
     """
 
     def __init__(
         self,
-        schedule: Schedule | None = None,
+        schedule: Schedule | ContributionPolicy | str | None = None,
         *,
+        target_reduction: float | None = None,
         num_stages: int | None = None,
         embeddings: EmbeddingPolicy = "always",
         unit: Unit = "epoch",
@@ -85,7 +94,8 @@ class ProgtuningCallback(TrainerCallback):
         tied_head: TiedHead = "head",
         allow_empty_stages: bool = False,
     ) -> None:
-        self.schedule = schedule
+        self.policy = _contribution_policy(schedule, target_reduction)
+        self.schedule = None if self.policy is not None else schedule
         self.num_stages = num_stages
         self.embeddings = embeddings
         self.unit = unit
@@ -106,23 +116,35 @@ class ProgtuningCallback(TrainerCallback):
         self.total_steps = state.max_steps
         self.steps_per_epoch = _updates_per_epoch(train_dataloader, args, state)
         layout = find_blocks(model, blocks=self.blocks, tied_head=self.tied_head)
-        if self.schedule is None:
+        if self.schedule is None and self.policy is None:
             # The run's epochs as the Trainer counts them (max_steps wins over num_train_epochs).
             epochs = self.total_steps / self.steps_per_epoch
             stages = self.num_stages or max(1, math.ceil(epochs))
             self.schedule = progressive(layout.num_blocks, stages, self.embeddings, self.unit, epochs=epochs or None)
-        if not self.allow_empty_stages:
+        # The contribution schedule decides during the run; most of its prefix ladder may never run.
+        if self.policy is None and not self.allow_empty_stages:
             self.schedule.check_every_stage_runs(self.steps_per_epoch, self.total_steps)
         if self.freezer is not None:
             # A second train(): hand back what the last run froze, or the new freezer would take it
             # for frozen by the method and never train it again.
             self.freezer.restore()
             self.freezer.close()
+        if self.policy is not None:
+            if is_sharded(model):
+                # its signals read whole parameters on every rank; FSDP2 holds shards
+                raise ProgtuningError(
+                    "the contribution schedule does not run on a model sharded by FSDP: use DDP, or schedule: fixed"
+                )
+            self.freezer = ContributionFreezer(model, self.policy, layout, embeddings=self.embeddings,
+                                               eval_frozen_blocks=self.eval_frozen_blocks)
+            self.schedule = self.freezer.schedule
+            self.freezer.start(self.total_steps)
         # Several processes: DDP needs find_unused_parameters, FSDP one unit per block, DeepSpeed is refused.
         self.distributed_mode = check_trainer_parallelism(args, model, self.schedule)
-        # A model sharded by FSDP2 switches its sharded parameters (see fsdp.py).
-        freezer_class = ShardedFreezer if is_sharded(model) else ProgressiveFreezer
-        self.freezer = freezer_class(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
+        if self.policy is None:
+            # A model sharded by FSDP2 switches its sharded parameters (see fsdp.py).
+            freezer_class = ShardedFreezer if is_sharded(model) else ProgressiveFreezer
+            self.freezer = freezer_class(model, self.schedule, layout, eval_frozen_blocks=self.eval_frozen_blocks)
         if state.global_step > 0:
             self._check_resume(args, state)
         state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
@@ -136,6 +158,16 @@ class ProgtuningCallback(TrainerCallback):
             self._close_record(state.global_step)
             self.records.append(StageRecord(change.stage, state.global_step, trainable_params=change.trainable_params))
         self.changes.append(change)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if isinstance(self.freezer, ContributionFreezer):
+            self.freezer.before_optimizer_step(state.global_step)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if isinstance(self.freezer, ContributionFreezer):
+            self.freezer.after_optimizer_step(state.global_step)
+            # kept current, so whichever step a checkpoint is written at holds the signals up to it
+            state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.freezer is None or self.freezer.stage_index is None or logs is None:
@@ -155,18 +187,24 @@ class ProgtuningCallback(TrainerCallback):
         return [record.to_dict() for record in self.records]
 
     def _resume_check_data(self) -> dict:
-        return {
+        data = {
             "stage": self.freezer.stage_index,
             "schedule": self.schedule.to_dict(),
             "schedule_fingerprint": self.schedule.fingerprint(),
             "block_paths": list(self.freezer.layout.block_paths),
         }
+        if isinstance(self.freezer, ContributionFreezer):
+            data["contribution"] = self.freezer.state_dict()
+        return data
 
     def _check_resume(self, args, state) -> None:
         # `state` was loaded from the checkpoint's trainer_state.json, wherever the checkpoint lies.
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         check_resume_entry(saved, self.schedule, self.freezer.layout.block_paths,
                            f"the checkpoint at step {state.global_step}")
+        if isinstance(saved, dict) and isinstance(self.freezer, ContributionFreezer) and "contribution" in saved:
+            self.freezer.load_state_dict(saved["contribution"])
+
 
     def _close_record(self, step: int) -> None:
         if self.records and self.records[-1].end_step is None:
@@ -195,6 +233,20 @@ def check_resume_entry(saved, schedule: Schedule | None, block_paths, checkpoint
             f"stages; this run: {schedule.name}, {schedule.num_stages}): resume with the same schedule, or start a "
             "new run in a new output folder"
         )
+
+
+def _contribution_policy(schedule, target_reduction: float | None) -> ContributionPolicy | None:
+    if isinstance(schedule, ContributionPolicy):
+        if target_reduction is not None:
+            raise ProgtuningError("give target_reduction inside the ContributionPolicy, not beside it")
+        return schedule
+    if schedule == "contribution":
+        return ContributionPolicy(target_reduction=target_reduction)
+    if isinstance(schedule, str):
+        raise ProgtuningError(f"unknown schedule {schedule!r}: give a Schedule, 'contribution' or a ContributionPolicy")
+    if target_reduction is not None:
+        raise ProgtuningError("target_reduction needs schedule='contribution'")
+    return None
 
 
 def _updates_per_epoch(train_dataloader, args, state) -> int:

@@ -101,10 +101,12 @@ class DistributedFreezer:
         layout: BlockLayout | None = None,
         *,
         eval_frozen_blocks: bool = True,
+        freezer: ProgressiveFreezer | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         self.model = model
-        self.freezer = ProgressiveFreezer(model, schedule, layout, eval_frozen_blocks=eval_frozen_blocks)
+        # ``freezer``: one already built over ``model`` (a ContributionFreezer, say); ``schedule`` is then ignored.
+        self.freezer = freezer or ProgressiveFreezer(model, schedule, layout, eval_frozen_blocks=eval_frozen_blocks)
         self.ddp_kwargs = ddp_kwargs
         self.wrapped: nn.Module | None = None
         self.builds = 0  # how many DDP wrappers were built (one per change of the trainable set)

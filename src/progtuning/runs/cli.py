@@ -156,6 +156,10 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
                       help="the part of the head a PEFT method trains (full fine-tuning trains everything)")
     plan.add_argument("--num-labels", type=int, default=2)
     plan.add_argument("--blocks", help="dotted path of the block list, for unknown layouts")
+    plan.add_argument("--schedule", default="fixed", help="fixed | contribution (then only the bounds are known)")
+    plan.add_argument("--target-reduction", type=float, help="contribution: fraction of updated parameters to save")
+    plan.add_argument("--decision-interval", type=float, default=0.1, help="contribution: fraction of steps between decisions")
+    plan.add_argument("--contribution-threshold", type=float, help="contribution: readiness threshold (default 0.3)")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     plan.set_defaults(handler=_plan)
 
@@ -257,6 +261,10 @@ def _plan(args, rest: list[str]) -> int:
         method_head=args.method_head,
         num_labels=args.num_labels,
         blocks=args.blocks,
+        schedule=args.schedule,
+        target_reduction=args.target_reduction,
+        decision_interval=args.decision_interval,
+        contribution_threshold=args.contribution_threshold,
     )
     if args.json:
         print(json.dumps(plan, indent=2))

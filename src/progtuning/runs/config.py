@@ -74,6 +74,15 @@ class TrainConfig(MethodSettings, _WhatToTrain):
 
     # -- Progtuning --
     progtuning: bool = _help("progressive freezing on (off = the baseline run with everything else equal)", True)
+    schedule: str = _help("fixed (the paper: part t freezes at stage t) | contribution (decided from signals "
+                          "measured during the run)", "fixed")
+    target_reduction: Optional[float] = _help("contribution: fraction of updated parameters to save vs no freezing "
+                                              "(e.g. 0.25); without it the signals alone decide")
+    contribution_threshold: Optional[float] = _help("contribution: a block is ready to freeze when its contribution "
+                                                    "per parameter is below this fraction of the best block's "
+                                                    "(default 0.3)")
+    decision_interval: float = _help("contribution: fraction of the run's optimizer steps between decisions", 0.1)
+    signal_every: int = _help("contribution: measure the signals every N optimizer steps", 1)
     stages: Optional[int] = _help("number of parts/stages T (default: epochs)")
     embeddings: str = _help("embeddings train: always | first_stage | never", "always")
     stage_unit: str = _help("stage boundaries per epoch or per fraction of optimizer steps", "epoch")

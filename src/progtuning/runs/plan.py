@@ -29,8 +29,16 @@ def build_plan(
     stage_blocks: list | None = None,
     blocks: str | None = None,
     task_type: str = "seq_cls",
+    schedule: str = "fixed",
+    target_reduction: float | None = None,
+    decision_interval: float = 0.1,
+    contribution_threshold: float | None = None,
 ) -> dict:
-    """The plan as one JSON-ready dict (see ``progtuning plan --json``)."""
+    """The plan as one JSON-ready dict (see ``progtuning plan --json``).
+
+    ``schedule="contribution"``: only the bounds (no freezing ↔ the target), since the stages are
+    decided during the run (:func:`progtuning.runs.contribution.contribution_plan`).
+    """
     from progtuning.methods.api import MethodConfig, apply_method
 
     config = _load_config(model)
@@ -39,6 +47,15 @@ def build_plan(
         net = _model_from_config(config, task_type)
         net = apply_method(net, MethodConfig(name=method, method_head=method_head), task_type=task_type)
     layout = find_blocks(net, blocks=blocks)
+    if schedule == "contribution":
+        from progtuning.runs.contribution import contribution_plan
+
+        return {"model": model, "model_type": getattr(config, "model_type", None), "method": method,
+                "num_blocks": layout.num_blocks, "block_paths": list(layout.block_paths), "embeddings": embeddings,
+                **contribution_plan(net, layout, epochs, embeddings, target_reduction, decision_interval,
+                                    contribution_threshold)}
+    if schedule != "fixed":
+        raise ProgtuningError(f"unknown schedule {schedule!r}: use fixed or contribution")
     # equal shares of the run, as `progtuning train` spreads the stages
     if stage_blocks:
         schedule = explicit(layout.num_blocks, stage_blocks, embeddings, unit, epochs=epochs)
@@ -88,6 +105,10 @@ def render_plan(plan: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if plan.get("schedule") == "contribution":
+        from progtuning.runs.contribution import render_contribution_plan
+
+        return render_contribution_plan(plan, console)
     method = plan["method"] if plan["method"] == "full" else f"{plan['method']} (head: {plan['method_head']})"
     title = f"{plan['model']} ({plan['model_type']}, {plan['num_blocks']} blocks) · method {method} · embeddings {plan['embeddings']}"
     stages = Table(title=title)

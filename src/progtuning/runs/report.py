@@ -38,7 +38,7 @@ REPORT_END = "<!-- report:end -->"
 # config keys that may differ inside one group without making its runs incomparable
 _RUN_KEYS = {"seed", "output_dir", "overwrite", "resume", "progtuning", "threads", "save_model", "save_checkpoints",
              "logging_steps", "embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen",
-             "variant"}
+             "variant", "schedule", "target_reduction", "contribution_threshold", "decision_interval", "signal_every"}
 
 
 @dataclass

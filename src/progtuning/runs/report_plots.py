@@ -107,6 +107,27 @@ def plot_bars(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def stage_timeline(results: dict) -> tuple[list[int], list[int]]:
+    """Step and trainable-parameter points of a run's stages, as a step line.
+
+    A contribution run draws its *realised* stages (its decision log survives a resume); the rest
+    draw the stage records the callback wrote.
+    """
+    stages = results.get("stages", [])
+    realised = (results.get("contribution") or {}).get("realised_stages")
+    if realised:
+        trainable = {s["index"]: s["trainable_params"] for s in results.get("accounting", {}).get("stages", [])}
+        stages = [{**s, "trainable_params": trainable.get(s["stage"], 0)} for s in realised]
+    xs, ys = [], []
+    for stage in stages:
+        end = stage.get("end_step")
+        if end is None:
+            end = results.get("steps", stage["start_step"])
+        xs += [stage["start_step"], end]
+        ys += [stage["trainable_params"], stage["trainable_params"]]
+    return xs, ys
+
+
 def plot_timelines(runs: list[Run], out_dir: Path) -> list[Path]:
     """One PNG per (model, task, method): trainable parameters and training loss over steps, every run."""
     out_dir = Path(out_dir)
@@ -125,15 +146,16 @@ def plot_timelines(runs: list[Run], out_dir: Path) -> list[Path]:
             color = colors[seeds.index(run.seed) % len(colors)]
             style = "--" if run.mode == "base" else ["-", ":", "-."][modes.index(run.mode) % 3]
             label = f"{run.mode} seed {run.seed}"
-            xs, ys = [], []
-            for stage in run.results.get("stages", []):
-                end = stage.get("end_step")
-                if end is None:
-                    end = run.results.get("steps", stage["start_step"])
-                xs += [stage["start_step"], end]
-                ys += [stage["trainable_params"], stage["trainable_params"]]
+            xs, ys = stage_timeline(run.results)
             if xs:
                 top.plot(xs, ys, style, color=color, label=label)
+            for decision in (run.results.get("contribution") or {}).get("decisions", []):
+                if decision.get("froze_blocks"):  # where the contribution schedule froze blocks, and which
+                    top.axvline(decision["step"], color=color, alpha=0.25, linewidth=0.8)
+                    blocks = decision["froze_blocks"]
+                    top.annotate(f"-{blocks[0]}" if len(blocks) == 1 else f"-{blocks[0]}..{blocks[-1]}",
+                                 (decision["step"], top.get_ylim()[1]), fontsize=6, color=color,
+                                 rotation=90, va="top", ha="right")
             losses = [(e["step"], e["loss"]) for e in run.results.get("log_history", []) if "loss" in e and "step" in e]
             if losses:
                 bottom.plot(*zip(*losses), style, color=color, marker=".", markersize=3, label=label)

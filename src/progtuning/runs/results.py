@@ -47,8 +47,8 @@ class Mode(TypedDict):
 
     label: str  # "base", "prog", "prog-<variant>", or "base-<variant>" (a baseline variant)
     method: str  # full, lora, adapter, bitfit, peft
-    progtuning: bool  # False: the plain baseline (one all-trainable stage, measured the same way)
-    schedule: str  # "none" (baseline), "progressive" (the paper's preset) or "explicit" (stage_blocks)
+    progtuning: bool  # False: the baseline (one all-trainable stage, measured the same way)
+    schedule: str  # "none" (baseline), "progressive" (the paper's preset), "explicit" (stage_blocks) or "contribution"
     embeddings: str  # the embedding policy (always, first_stage, never)
     variant: str | None  # a sweep's variant name (a named schedule change), else None
     baseline: bool  # a baseline (plain, or a cheap one such as frozen embeddings), not a Progtuning arm
@@ -66,7 +66,7 @@ class Results(TypedDict, total=False):
     task: dict  # Task.summary(): name, kind, main_metric, num_labels, sizes per split
     model: dict  # name, path, num_blocks, total_params, method_trainable_params
     schedule: dict  # Schedule.to_dict()
-    planned_stage_starts: list  # optimizer step at which each stage starts
+    planned_stage_starts: list | None  # optimizer step at which each stage starts (None: contribution schedule)
     stages: list  # per stage as it ran: steps, trainable params, blocks, loss, time, memory
     steps: int
     steps_per_epoch: int
@@ -90,10 +90,11 @@ class Results(TypedDict, total=False):
     resumed_from_step: int | None  # the step a resumed run continued from (None: one uninterrupted run)
     warnings: list  # one-line notes shown during the run (skipped rows, ignored remote code, ...)
     fsdp: dict  # FSDP runs only: per stage, bytes communicated per step and each rank's state
+    contribution: dict  # contribution-schedule runs only: policy, decision log, realised stages, target vs realised
 
 
 RESULTS_KEYS: tuple[str, ...] = tuple(Results.__annotations__)
-OPTIONAL_KEYS: tuple[str, ...] = ("fsdp",)  # written only by the runs they describe
+OPTIONAL_KEYS: tuple[str, ...] = ("fsdp", "contribution")  # written only by the runs they describe
 
 _LABEL = re.compile(r"^(base|prog)(-[A-Za-z0-9_-]+)?$")
 
@@ -106,6 +107,8 @@ def run_mode(config: dict) -> Mode:
         schedule = "none"
     else:
         schedule = "explicit" if config.get("stage_blocks") else "progressive"
+        if config.get("schedule", "fixed") == "contribution":
+            schedule = "contribution"
     label = mode_label(config)
     baseline = is_baseline_label(label)
     return {
@@ -135,6 +138,10 @@ def mode_label(config: dict) -> str:
     if config.get("variant"):
         return f"prog-{config['variant']}"
     label = "prog"
+    if config.get("schedule", "fixed") == "contribution":
+        label += "-contribution"
+        if config.get("target_reduction") is not None:
+            label += f"-r{config['target_reduction']:g}"
     if config.get("stage_blocks"):
         label += "-explicit"
     if config.get("embeddings", "always") != "always":

@@ -22,9 +22,15 @@ def print_run_summary(results: dict) -> None:
     table.add_row("without Progtuning", f"{results['baseline_updated_params']:,}")
     table.add_row("reduction (all trainable)", f"{results['reduction']:.1%}")
     table.add_row("reduction (blocks only)", f"{results['reduction_blocks_only']:.1%}")
+    from progtuning.runs.contribution import decision_lines
+
+    for label, value in decision_lines(results):
+        table.add_row(label, value)
+    contribution = bool(results.get("contribution"))
     for stage in results["stages"]:
+        name = f"{stage['stage']} lowest blocks frozen" if contribution else f"stage {stage['stage'] + 1}"
         table.add_row(
-            f"stage {stage['stage'] + 1} (steps {stage['start_step']}-{stage['end_step']})",
+            f"{name} (steps {stage['start_step']}-{stage['end_step']})",
             f"{stage['trainable_params']:,} params · {stage['wall_time_s']:.1f} s",
         )
     table.add_row("wall time", f"{results['wall_time_s']:.1f} s (training {results['train_time_s']:.1f} s)")

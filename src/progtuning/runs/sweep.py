@@ -79,9 +79,11 @@ from progtuning.runs.config import FIELDS, load_config, read_yaml
 from progtuning.runs.results import CONFIG_FILE, LOG_FILE, RESULTS_FILE, SWEEP_DIR
 SWEEP_KEYS = ("output_dir", "parallel", "base", "grid", "variants", "models", "tasks", "methods")
 GRID_KEYS = ("model", "task", "method", "progtuning", "seed")
-# What a variant may change: the schedule, how long it trains, and the learning-rate schedule.
+# What a variant may change: the schedule (fixed or contribution-aware), how long it trains, and the
+# learning-rate schedule.
 VARIANT_KEYS = ("embeddings", "stages", "stage_unit", "stage_blocks", "eval_frozen_blocks", "cache_frozen",
-                "epochs", "lr_schedule")
+                "epochs", "lr_schedule",
+                "schedule", "target_reduction", "contribution_threshold", "decision_interval", "signal_every")
 # A variant's own keys: whether it is a baseline arm, and which baseline a Progtuning arm is compared with.
 VARIANT_ROLE_KEYS = ("baseline", "compare_with")
 # The sweep owns these: every run writes into its own folder, replaces a crashed attempt and is

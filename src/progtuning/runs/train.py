@@ -41,6 +41,8 @@ from progtuning.cache.prefix import unsupported_reason
 from progtuning.cache.prefix_cache import FrozenPrefixCache
 from progtuning.runs.config import TrainConfig
 from progtuning.runs.validation_curve import ValidationCurve
+from progtuning.core.contribution_freezer import ContributionFreezer, prefix_ladder
+from progtuning.runs.contribution import check_target_up_front, contribution_policy
 from progtuning.core.counting import count_updates
 from progtuning.core.distributed import launcher_rank
 from progtuning.errors import ProgtuningError, warn
@@ -99,6 +101,7 @@ def run(config: TrainConfig, checked=None) -> dict:
 
         check_fsdp_config(config)
     prepared = prepare(config)
+    check_target_up_front(config, prepared.model)  # an unreachable target_reduction: one line, nothing written
     record = config_record(config)  # kept in every checkpoint: a resume must not change the run
     writer = launcher_rank() == 0
     claimed = None
@@ -239,8 +242,10 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
 
     config, task, model, tokenizer = prepared.config, prepared.task, prepared.model, prepared.tokenizer
     layout = find_blocks(model, blocks=config.blocks)
-    schedule = build_schedule(config, layout.num_blocks)
-    callback = ProgtuningCallback(schedule, blocks=config.blocks, eval_frozen_blocks=config.eval_frozen_blocks)
+    policy = contribution_policy(config)
+    schedule = prefix_ladder(layout.num_blocks, config.embeddings) if policy else build_schedule(config, layout.num_blocks)
+    callback = ProgtuningCallback(policy or schedule, blocks=config.blocks, embeddings=config.embeddings,
+                                  eval_frozen_blocks=config.eval_frozen_blocks)
     telemetry = StageTelemetry(callback)  # after the Progtuning callback: the stage is set
     history = RunHistory(callback, telemetry)
 
@@ -311,9 +316,14 @@ def _results(prepared: Prepared, run: _Trained, metrics: dict, outputs: dict) ->
 
     config, task, schedule, state = prepared.config, prepared.task, run.schedule, run.trainer.state
     steps_per_epoch = run.callback.steps_per_epoch
+    policy = isinstance(run.callback.freezer, ContributionFreezer)
     # From the schedule, not from the stage records: a resumed run recorded only its second half,
-    # and the stages switch exactly where planned (test_train checks it).
-    lengths = schedule.stage_lengths(steps_per_epoch, state.global_step)
+    # and the stages switch exactly where planned (test_train checks it). The contribution schedule
+    # keeps its whole history in the checkpoint instead.
+    if policy:
+        lengths = run.callback.freezer.level_lengths(state.global_step)
+    else:
+        lengths = schedule.stage_lengths(steps_per_epoch, state.global_step)
     accounting = count_updates(run.callback.freezer, lengths, epochs=state.global_step / steps_per_epoch)
     cache = run.cache_callback.cache
     main = task.main_metric
@@ -333,7 +343,8 @@ def _results(prepared: Prepared, run: _Trained, metrics: dict, outputs: dict) ->
             "method_trainable_params": accounting.method_trainable_params,
         },
         "schedule": schedule.to_dict(),
-        "planned_stage_starts": schedule.stage_starts(steps_per_epoch, run.callback.total_steps),
+        "planned_stage_starts": None if policy else schedule.stage_starts(steps_per_epoch, run.callback.total_steps),
+        **({"contribution": run.callback.freezer.summary(state.global_step)} if policy else {}),
         # The whole run's stages and loss, also after a resume (history.py).
         "stages": [
             {**{k: v for k, v in stage.items() if k != "losses"}, "blocks": list(schedule.stages[stage["stage"]].blocks)}

@@ -108,6 +108,7 @@ def validate_values(config: Any) -> None:
     _check_label_names(config.label_names, config.num_labels)
     _check_string_list("lora_target_modules", config.lora_target_modules)
     _check_stage_blocks(config.stage_blocks)
+    _check_schedule_kind(config)
     if config.resume and config.overwrite:
         raise ProgtuningError("--resume continues the run in output_dir and --overwrite replaces it: pass only one")
     from progtuning.tasks.squad import is_squad
@@ -115,6 +116,24 @@ def validate_values(config: Any) -> None:
     if is_squad(config.task) and config.doc_stride >= config.max_length:
         raise ProgtuningError(f"doc_stride ({config.doc_stride}) must be smaller than max_length "
                               f"({config.max_length}): windows would not advance")
+
+
+def _check_schedule_kind(config: Any) -> None:
+    """The contribution schedule's knobs, and the fixed-schedule keys it cannot take."""
+    from progtuning.core.contribution import SCHEDULES, check_policy_values  # plain numbers, no torch
+
+    _choice("schedule", config.schedule, SCHEDULES)
+    check_policy_values(config.target_reduction, config.contribution_threshold, config.decision_interval,
+                        config.signal_every)
+    if config.schedule == "contribution":
+        for key in ("stages", "stage_blocks"):
+            if getattr(config, key):
+                raise ProgtuningError(
+                    f"{key} sets a fixed schedule but schedule is contribution: drop {key}, or use schedule: fixed"
+                )
+    elif config.target_reduction is not None or config.contribution_threshold is not None:
+        key = "target_reduction" if config.target_reduction is not None else "contribution_threshold"
+        raise ProgtuningError(f"{key} applies to the contribution schedule: add --schedule contribution")
 
 
 def _choice(name: str, value: Any, choices: Iterable[str], what: str | None = None) -> None:
