@@ -11,7 +11,10 @@ freezes inside it::
 
 The trainable set of each method. Every method trains the *head* as :func:`~progtuning.core.blocks.find_blocks`
 defines it (classifier, pre-classifier, pooler, QA outputs, and final norms after the last
-block), because a new task head starts untrained:
+block), because a new task head starts untrained. A causal language model's head is not new (the
+pretrained LM head, often tied to the input embeddings, and the final norm): the PEFT methods
+(``lora``, ``peft``, ``adapter``, ``bitfit``) leave it frozen, as peft's ``CAUSAL_LM`` does, so the
+method's own parameters are all that trains; ``full`` trains it with everything else.
 
 * ``full``: every parameter.
 * ``lora``: LoRA matrices (peft) on ``lora_target_modules`` (default per architecture, see
@@ -57,7 +60,9 @@ from progtuning.core.blocks import HEAD, HEAD_MODULE_NAMES, find_blocks
 from progtuning.errors import ProgtuningError
 
 METHODS: tuple[str, ...] = ("full", "lora", "adapter", "bitfit", "peft")
-TASK_TYPES: dict[str, str] = {"seq_cls": "SEQ_CLS", "qa": "QUESTION_ANS"}  # ours -> peft's TaskType
+TASK_TYPES: dict[str, str] = {"seq_cls": "SEQ_CLS", "qa": "QUESTION_ANS", "causal_lm": "CAUSAL_LM"}  # ours -> peft's
+# Task types whose head is pretrained rather than new: the PEFT methods do not train it.
+PRETRAINED_HEAD_TASK_TYPES = frozenset({"causal_lm"})
 
 # Default LoRA targets by model_type (attention query and value, as in the LoRA paper); other
 # model types fall back to peft's own table.
@@ -175,8 +180,8 @@ class MethodConfig:
 def apply_method(model: nn.Module, config: MethodConfig, task_type: str | None = None) -> nn.Module:
     """Return ``model`` with ``config``'s method applied and exactly its trainable set requiring grad.
 
-    ``task_type`` is ``"seq_cls"`` or ``"qa"`` (default: read from the model class); LoRA and
-    other peft methods need it to pick peft's model wrapper. Call this before building the
+    ``task_type`` is ``"seq_cls"``, ``"qa"`` or ``"causal_lm"`` (default: read from the model
+    class); LoRA and other peft methods need it to pick peft's model wrapper. Call this before building the
     optimizer or the :class:`~progtuning.core.freezing.ProgressiveFreezer`.
     """
     task_type = task_type or _task_type_of(model)
@@ -192,7 +197,12 @@ def apply_method(model: nn.Module, config: MethodConfig, task_type: str | None =
         return _apply_peft(model, config, task_type)
     if config.name == "adapter":
         add_adapters(model, config.adapter_type, config.adapter_reduction_factor, config.adapter_activation)
-    _train_only(model, delta_parameter_names(model, config))
+    names = delta_parameter_names(model, config)
+    if not names:
+        raise ProgtuningError(
+            f"{config.name} finds nothing to train in {type(model).__name__} (it has no bias parameters): use lora or adapter"
+        )
+    _train_only(model, names)
     return model
 
 
@@ -200,7 +210,7 @@ def delta_parameter_names(model: nn.Module, config: MethodConfig) -> set[str]:
     """The parameters BitFit or the adapter method trains (and saves), by name; read from the
     model's structure, not from ``requires_grad``, so it holds whatever stage is applied."""
     layout = find_blocks(model)
-    names = set(layout.names(HEAD))
+    names = set() if _task_type_of(model) in PRETRAINED_HEAD_TASK_TYPES else set(layout.names(HEAD))
     params = dict(model.named_parameters())
     if config.name == "bitfit":
         names |= {n for n in params if n.rsplit(".", 1)[-1] == "bias"}
@@ -239,7 +249,10 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _task_type_of(model: nn.Module) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "qa" if "QuestionAnswering" in type(base).__name__ else "seq_cls"
+    name = type(base).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    return "qa" if "QuestionAnswering" in name else "seq_cls"
 
 
 def head_module_paths(model: nn.Module) -> list[str]:
@@ -258,7 +271,7 @@ def head_module_paths(model: nn.Module) -> list[str]:
 def _apply_peft(model: nn.Module, config: MethodConfig, task_type: str) -> nn.Module:
     import peft
 
-    head = head_module_paths(model)
+    head = [] if task_type in PRETRAINED_HEAD_TASK_TYPES else head_module_paths(model)
     head_names = _param_names_under(model, head)  # before peft renames them
     if config.name == "lora":
         targets = _lora_targets(model, config)

@@ -65,6 +65,7 @@ class Prepared:
     tokenizer: Any
     model: torch.nn.Module
     model_path: str
+    features: Any  # the task's tokenized splits (tasks.base.Features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +107,10 @@ def prepare(config: TrainConfig) -> Prepared:
     set_seed(config.seed)  # the new head's initialisation
     model = _load_model(model_path, config, task, tokenizer)
     model = _apply_method(model, config, task)
-    return Prepared(config, task, data, tokenizer, model, model_path)
+    task.check_model(model, config)
+    # Tokenizing checks the examples against the model (lengths, templates): before anything is written.
+    features = task.preprocess(data, tokenizer, config)
+    return Prepared(config, task, data, tokenizer, model, model_path, features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,12 +216,17 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
     schedule = build_schedule(config, layout.num_blocks)
     callback = ProgtuningCallback(schedule, blocks=config.blocks, eval_frozen_blocks=config.eval_frozen_blocks)
 
-    features = task.preprocess(prepared.data, tokenizer, config)
+    features = prepared.features
     train_set, collator = features.train, task.collator(tokenizer)
     cache = _prefix_cache(config, model, layout, train_set, collator, output_dir)
     if cache is not None:
         train_set, collator = cache.dataset, ExampleIndexCollator(collator)
     cache_callback = PrefixCacheCallback(callback, cache)  # after the Progtuning callback: the stage is set
+    callbacks = [callback, cache_callback]
+    if config.gradient_checkpointing:
+        from progtuning.core.checkpointing import StageCheckpointing
+
+        callbacks.append(StageCheckpointing(callback))  # after the Progtuning callback: the stage is set
 
     evaluate_each_epoch = task.evaluates_each_epoch and "validation" in features.eval
     trainer = ProgtuningTrainer(
@@ -228,7 +237,7 @@ def _train(prepared: Prepared, output_dir: Path) -> dict:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
-        callbacks=[callback, cache_callback],
+        callbacks=callbacks,
     )
     train_started = time.perf_counter()
     train_output = _fit(trainer, callback, config, output_dir, schedule, layout)
