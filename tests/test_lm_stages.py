@@ -1,6 +1,6 @@
 """Stage switches on tiny decoders: exactly the intended parameters change, every other one is bit-identical.
 
-For tiny random Llama (tied and untied output embedding) and GPT-2 (tied), under full fine-tuning,
+For tiny random Llama (tied and untied output embedding), GPT-2 (tied), Qwen2 and Mistral, under full fine-tuning,
 LoRA (peft CAUSAL_LM), bottleneck adapters and BitFit: a few AdamW steps at a large learning rate
 in each stage of a 3-stage schedule over 4 blocks, then the set of changed parameters is compared
 with the set the stage should train, which is written here from parameter names, not asked of the
@@ -22,8 +22,14 @@ from progtuning.errors import ProgtuningError
 from progtuning.methods.api import MethodConfig, apply_method
 
 NUM_BLOCKS, STAGES = 4, 3  # parts of one block, the leftover on top: stages train 0-3, 1-3, 2-3
+METHODS = ("full", "lora", "adapter", "bitfit")
+# Tied Llama and GPT-2 in the fast suite; untied Llama, Qwen2 (attention biases) and Mistral as slow tests.
 CASES = [
-    ("llama", True), ("llama", False), ("gpt2", True),
+    pytest.param(arch, tie, method, id=f"{arch}-{'tied' if tie else 'untied'}-{method}",
+                 marks=() if (arch, tie) in (("llama", True), ("gpt2", True)) else pytest.mark.slow)
+    for arch, tie in (("llama", True), ("gpt2", True), ("llama", False), ("qwen2", False), ("mistral", False))
+    for method in METHODS
+    if not (method == "bitfit" and arch in ("llama", "mistral"))  # no biases: refused, tested below
 ]
 _BLOCK = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 _HEAD = re.compile(r"(^|\.)(lm_head|norm|ln_f)\.")  # output layer and final norm (not the blocks' norms)
@@ -31,6 +37,15 @@ _BLOCK_NORM = re.compile(r"\.(input_layernorm|post_attention_layernorm|ln_1|ln_2
 
 
 def _decoder(arch: str, tie: bool):
+    if arch == "mistral":  # a Llama-style decoder with its own model type (sliding-window attention)
+        import transformers
+
+        from conftest import tiny_config
+
+        config = transformers.MistralConfig(**tiny_config("llama", num_layers=NUM_BLOCKS).to_diff_dict())
+        config.tie_word_embeddings = tie
+        torch.manual_seed(0)
+        return transformers.MistralForCausalLM(config)
     return tiny_model(arch, num_layers=NUM_BLOCKS, task="causal-lm", tie_word_embeddings=tie)
 
 
@@ -80,11 +95,8 @@ def _changed_per_stage(model, method: str, steps: int = 2) -> list[tuple[set[str
     return results
 
 
-@pytest.mark.parametrize("arch, tie", CASES, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CASES])
-@pytest.mark.parametrize("method", ["full", "lora", "adapter", "bitfit"])
+@pytest.mark.parametrize("arch, tie, method", CASES)
 def test_exactly_the_stage_trains(arch, tie, method):
-    if method == "bitfit" and arch == "llama":
-        pytest.skip("Llama has no biases: BitFit is refused (test_bitfit_without_biases_is_refused)")
     model = apply_method(_decoder(arch, tie), MethodConfig(name=method), task_type="causal_lm")
     for stage, (changed, expected) in enumerate(_changed_per_stage(model, method)):
         assert expected, f"stage {stage} expects nothing to train"
@@ -98,6 +110,8 @@ def test_peft_methods_leave_the_pretrained_lm_head_frozen():
         model = apply_method(_decoder("llama", False), MethodConfig(name=method), task_type="causal_lm")
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert trainable and not any(_HEAD.search(n) or "embed_tokens" in n for n in trainable), method
+        if method == "lora":
+            assert type(model).__name__ == "PeftModelForCausalLM"  # peft's CAUSAL_LM wrapper (it generates)
 
 
 def test_bitfit_without_biases_is_refused():
