@@ -1,12 +1,15 @@
-"""Gradient checkpointing that follows the stage: the blocks backward runs through recompute, no others.
+"""Gradient checkpointing that follows the stage: the trainable blocks recompute, the frozen ones do not.
 
 A checkpointed block keeps only its input in the forward pass and runs its forward again in the
-backward pass: activation memory traded for compute. Under Progtuning, which blocks that concerns
-changes with the stage. Backward runs through every block at or above the lowest block with a
-parameter that trains, and through every block if a parameter *below* the blocks trains (the
-embeddings, or an input table tied to the output head, as in GPT-2, SmolLM2 and other decoders).
-Those blocks are checkpointed; the blocks under them keep no activations anyway (autograd builds
-no graph there), so there is nothing to recompute.
+backward pass: activation memory traded for compute. Under Progtuning the blocks that train change
+with the stage, and only they are checkpointed:
+
+* frozen blocks below the lowest trainable block keep no activations when nothing below them
+  trains (autograd builds no graph there): there is nothing to save;
+* frozen blocks that backward still runs through (when the embeddings, or an input table tied to
+  the output head as in GPT-2 and SmolLM2, train) keep their activations: recomputing them would
+  cost a forward each. They run in eval mode (the freezer's default), and transformers checkpoints
+  a layer only in train mode, so this is also what transformers itself would do with them.
 
 How: transformers' per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``), set
 per block at every stage switch, with ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``.
@@ -30,33 +33,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 
-from progtuning.core.blocks import EMBEDDINGS, BlockLayout
+from progtuning.core.blocks import BlockLayout
 from progtuning.errors import ProgtuningError
 
 
-def backward_reach(model: nn.Module, layout: BlockLayout) -> int | None:
-    """The lowest block backward runs through with the current ``requires_grad`` flags (None: no block).
-
-    0 when anything below the blocks trains: an embeddings parameter, or the input embedding table
-    when it is tied to (and trains as) the output head.
-    """
-    trained_blocks = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        group = layout.groups.get(name)
-        if group == EMBEDDINGS:
-            return 0
-        if isinstance(group, int):
-            trained_blocks.append(group)
-    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if table is not None and getattr(table, "weight", None) is not None and table.weight.requires_grad:
-        return 0
-    return min(trained_blocks) if trained_blocks else None
+def trainable_blocks(model: nn.Module, layout: BlockLayout) -> list[int]:
+    """The blocks with a parameter that requires grad now, bottom to top."""
+    return sorted({
+        group for name, param in model.named_parameters()
+        if param.requires_grad and isinstance(group := layout.groups.get(name), int)
+    })
 
 
 class StageCheckpointing(TrainerCallback):
-    """Checkpoints the blocks backward runs through in the current stage (see the module docstring)."""
+    """Checkpoints the trainable blocks of the current stage (see the module docstring)."""
 
     def __init__(self, progtuning) -> None:
         self.progtuning = progtuning
@@ -85,8 +75,7 @@ class StageCheckpointing(TrainerCallback):
         self.checkpointed = []
 
     def _apply(self, model: nn.Module) -> None:
-        lowest = backward_reach(model, self.progtuning.freezer.layout)
-        chosen = [] if lowest is None else list(range(lowest, len(self.blocks)))
+        chosen = trainable_blocks(model, self.progtuning.freezer.layout)
         for index, block in enumerate(self.blocks):
-            block.gradient_checkpointing = index >= lowest if lowest is not None else False
+            block.gradient_checkpointing = index in chosen
         self.checkpointed = chosen

@@ -77,7 +77,7 @@ class TrainConfig:
     stage_blocks: Optional[list] = _help("explicit stages: a list of block-index lists (growing, top-down, custom)")
     blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
     eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
-    gradient_checkpointing: bool = _help("recompute activations in backward, in the blocks backward runs through "
+    gradient_checkpointing: bool = _help("recompute activations in backward, in the stage's trainable blocks "
                                          "(non-reentrant checkpoints)", False)
     cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
     cache_budget_mb: int = _help("RAM for the frozen-prefix cache; beyond it the cache is a memory-mapped file", 1024)

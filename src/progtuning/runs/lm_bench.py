@@ -11,8 +11,8 @@ as ``progtuning train`` tokenizes them: chat template, loss on responses only, `
 * **Cases.** Full fine-tuning and LoRA (r=8 on the attention query/value projections), each in
   every stage of the paper's schedule (T = ``--stages`` parts, embeddings trained in every stage);
   stage 1 trains everything the method trains, so it *is* the method's baseline. With
-  ``--checkpointing``, full fine-tuning again with gradient checkpointing of the blocks backward
-  runs through (:mod:`progtuning.core.checkpointing`).
+  ``--checkpointing``, full fine-tuning again with gradient checkpointing of the stage's trainable
+  blocks (:mod:`progtuning.core.checkpointing`).
 * **Timing**, as ``progtuning bench`` does it: every round runs every case for ``--steps`` optimizer
   steps (forward, backward, AdamW, ``zero_grad``), so drift and other processes' load hit all cases
   alike; a case's time is the median of its steps in a round, then over rounds, in process CPU
