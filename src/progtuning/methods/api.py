@@ -12,7 +12,11 @@ freezes inside it::
 The trainable set of each method (one module each, listed in
 :data:`~progtuning.methods.registry.METHODS`). Every method trains the *head* as
 :func:`~progtuning.core.blocks.find_blocks` defines it (classifier, pre-classifier, pooler, QA
-outputs, and final norms after the last block), because a new task head starts untrained:
+outputs, and final norms after the last block), because a new task head starts untrained. A causal
+language model's head is not new (the pretrained LM head, often tied to the input embeddings, and
+the final norm): the PEFT methods (``lora``, ``peft``, ``adapter``, ``bitfit``) leave it frozen, as
+peft's ``CAUSAL_LM`` does, so the method's own parameters are all that trains; ``full`` trains it
+with everything else:
 
 * ``full``: every parameter.
 * ``lora``: LoRA matrices (peft) on ``lora_target_modules`` (default per architecture, see
