@@ -14,7 +14,10 @@ The trainable set of each method (one module each, listed in
 layers, because they start untrained: by default only those, as peft does (``method_head:
 classifier``: ``classifier`` / ``score`` / ``qa_outputs`` ...); with ``method_head:
 classifier+pooler`` the whole *head* as :func:`~progtuning.core.blocks.find_blocks` defines it
-(classifier, pre-classifier, pooler, QA outputs, and final norms after the last block):
+(classifier, pre-classifier, pooler, QA outputs, and final norms after the last block). A causal
+language model's head is not new (the pretrained LM head, often tied to the input embeddings, and the final norm): the PEFT
+methods leave it frozen, as peft's ``CAUSAL_LM`` does, so the method's own parameters are all that
+trains; ``full`` trains it with everything else:
 
 * ``full``: every parameter.
 * ``lora``: LoRA matrices (peft) on ``lora_target_modules`` (default per architecture, see

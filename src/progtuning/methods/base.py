@@ -36,6 +36,8 @@ TASK_TYPES: dict[str, str] = {
     "token_cls": "TOKEN_CLS",
     "causal_lm": "CAUSAL_LM",
 }
+# Task types whose head is pretrained rather than new: the PEFT methods do not train it.
+PRETRAINED_HEAD_TASK_TYPES = frozenset({"causal_lm"})
 
 
 class Method:
@@ -75,6 +77,11 @@ class DeltaMethod(Method):
     def apply(self, model, config, task_type):
         self.prepare(model, config)
         names = self.delta_names(model, config)
+        if not names:
+            raise ProgtuningError(
+                f"{config.name} finds nothing to train in {type(model).__name__} (it has no bias parameters): "
+                "use lora or adapter"
+            )
         for name, param in model.named_parameters():
             param.requires_grad_(name in names)
         return model
@@ -124,6 +131,8 @@ def head_parameter_names(model: nn.Module, method_head: str = "classifier+pooler
     """The head parameters a method trains under ``method_head`` (see the module docstring)."""
     if method_head not in METHOD_HEADS:
         raise ProgtuningError(f"unknown method_head {method_head!r}: use one of {', '.join(METHOD_HEADS)}")
+    if task_type_of(model) in PRETRAINED_HEAD_TASK_TYPES:  # a causal LM's head is pretrained, not new
+        return set()
     head = set(find_blocks(model).names(HEAD))
     if method_head == "classifier+pooler":
         return head
@@ -142,7 +151,8 @@ def task_type_of(model: nn.Module) -> str:
     """The model's job read from its class name (``BertForQuestionAnswering`` → ``qa``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kind = type(base).__name__
-    for marker, task_type in (("QuestionAnswering", "qa"), ("TokenClassification", "token_cls"), ("CausalLM", "causal_lm")):
+    for marker, task_type in (("QuestionAnswering", "qa"), ("TokenClassification", "token_cls"), ("CausalLM", "causal_lm"),
+                              ("LMHeadModel", "causal_lm")):
         if marker in kind:
             return task_type
     return "seq_cls"

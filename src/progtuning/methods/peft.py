@@ -16,7 +16,14 @@ import json
 from pathlib import Path
 
 from progtuning.errors import ProgtuningError
-from progtuning.methods.base import TASK_TYPES, Method, head_module_paths, load_base, save_base_config
+from progtuning.methods.base import (
+    PRETRAINED_HEAD_TASK_TYPES,
+    TASK_TYPES,
+    Method,
+    head_module_paths,
+    load_base,
+    save_base_config,
+)
 
 
 class PeftMethod(Method):
@@ -31,7 +38,7 @@ class PeftMethod(Method):
     def apply(self, model, config, task_type):
         import peft
 
-        head = head_module_paths(model, config.method_head)
+        head = [] if task_type in PRETRAINED_HEAD_TASK_TYPES else head_module_paths(model, config.method_head)
         head_names = _param_names_under(model, head)  # before peft renames them
         peft_config = self.peft_config(model, config, task_type, head)
         wrapped = peft.get_peft_model(model, peft_config)

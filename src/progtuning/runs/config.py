@@ -45,8 +45,9 @@ class _WhatToTrain:
     """The first keys of a TrainConfig (split off so that the method settings follow ``method``)."""
 
     # -- what to train on --
-    task: str = _help("task: a built-in task (rotten-tomatoes, trec6, ...), a GLUE task (sst2, mnli, ...), "
-                      "squad / squad_v2, or 'files' with train_file", "rotten-tomatoes")
+    task: str = _help("task: a built-in task (rotten-tomatoes, trec6, sms-spam-instruct, movie-dialog, ...), a GLUE "
+                      "task (sst2, mnli, ...), squad / squad_v2, 'files' with train_file, or causal-lm / instruct "
+                      "(language modelling on text / instruction files) with train_file", "rotten-tomatoes")
     model: str = _help("model alias (minilm-l6, minilm-l3, mpnet-base, smollm2-135m), local folder or hub id", "minilm-l6")
     data_dir: Optional[str] = _help("local GLUE task folder / SQuAD JSON folder instead of the hub")
     train_file: Optional[str] = _help("task 'files': CSV/TSV/JSONL training file")
@@ -64,6 +65,10 @@ class _WhatToTrain:
     max_eval_examples: Optional[int] = _help("subsample validation and test to this many examples")
     max_length: int = _help("maximum tokens per example (SQuAD: window length)", 128)
     doc_stride: int = _help("SQuAD: overlap between windows of a long context", 128)
+    packing: Optional[bool] = _help("plain-text language modelling: pack examples into max_length blocks "
+                                    "(default) or one per sequence (--no-packing)")
+    max_new_tokens: int = _help("instruction tasks: most tokens generated per prompt in the greedy generation check", 32)
+    generate_examples: int = _help("instruction tasks: prompts per evaluation split in the generation check (0: none)", 100)
     # -- the fine-tuning method (its settings: MethodSettings, next in the field order) --
     method: str = _help(METHOD_HELP, "full")
 
@@ -95,6 +100,8 @@ class TrainConfig(MethodSettings, _WhatToTrain):
                                         "base-<variant> (a sweep sets it)")
     blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
     eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
+    gradient_checkpointing: bool = _help("recompute activations in backward, in the stage's trainable blocks "
+                                         "(non-reentrant checkpoints)", False)
     cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
     cache_budget_mb: int = _help("RAM for the frozen-prefix cache; beyond it the cache is a memory-mapped file", 1024)
     # -- processes --

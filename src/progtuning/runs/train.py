@@ -71,6 +71,7 @@ class Prepared:
     tokenizer: Any
     model: torch.nn.Module
     model_path: str
+    features: Any  # the task's tokenized splits (tasks.base.Features)
     notes: list[str] = field(default_factory=list)  # one-line warnings, shown and kept in results.json
 
 
@@ -159,7 +160,10 @@ def prepare(config: TrainConfig) -> Prepared:
     for note in notes:
         warn(note)
     model = _apply_method(model, config, task)
-    return Prepared(config, task, data, tokenizer, model, model_path, notes)
+    task.check_model(model, config)
+    # Tokenizing checks the examples against the model (lengths, templates): before anything is written.
+    features = task.preprocess(data, tokenizer, config)
+    return Prepared(config, task, data, tokenizer, model, model_path, features, notes)
 
 
 def _data_notes(task) -> list[str]:
@@ -249,12 +253,17 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
     telemetry = StageTelemetry(callback)  # after the Progtuning callback: the stage is set
     history = RunHistory(callback, telemetry)
 
-    features = task.preprocess(prepared.data, tokenizer, config)
+    features = prepared.features
     train_set, collator = features.train, task.collator(tokenizer)
     cache = _prefix_cache(config, model, layout, train_set, collator, output_dir)
     if cache is not None:
         train_set, collator = cache.dataset, ExampleIndexCollator(collator)
     cache_callback = PrefixCacheCallback(callback, cache)  # after the Progtuning callback: the stage is set
+    checkpointing = None
+    if config.gradient_checkpointing:
+        from progtuning.core.checkpointing import StageCheckpointing
+
+        checkpointing = StageCheckpointing(callback)  # after the Progtuning callback: the stage is set
 
     evaluate_each_epoch = task.evaluates_each_epoch and "validation" in features.eval
     args = _training_arguments(config, output_dir, evaluate_each_epoch, keep_all_columns=cache is not None)
@@ -274,7 +283,8 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
         # history last: it sees every save
-        callbacks=[callback, telemetry, cache_callback, curve, *([traffic] if traffic else []), history],
+        callbacks=[callback, telemetry, cache_callback, curve, *([checkpointing] if checkpointing else []),
+                   *([traffic] if traffic else []), history],
         seal=_sealer(record),
         lr_scheduler_factory=_lr_scheduler_factory(config, callback),
     )

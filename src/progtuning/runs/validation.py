@@ -81,6 +81,8 @@ def validate_values(config: Any) -> None:
         if getattr(config, name) is not None:
             _at_least(name, getattr(config, name), 1)
     _at_least("cache_budget_mb", config.cache_budget_mb, 0)
+    _at_least("max_new_tokens", config.max_new_tokens, 1)
+    _at_least("generate_examples", config.generate_examples, 0, why="0 turns the generation check off")
     if config.num_labels is not None:
         _at_least("num_labels", config.num_labels, 2, why="classification needs at least 2 classes")
     if not 0 <= config.seed <= MAX_SEED:

@@ -8,6 +8,7 @@ only ever talks to this interface, in this order::
     task, data = load_task(config)                    # a source: Task + DatasetDict (tasks.registry)
     model = task.load_model(path, trust_remote_code=...)   # the kind's head and auto class
     model = apply_method(model, method, task_type=task.task_type)
+    task.check_model(model, config)                   # settings that cannot work with this model
     features = task.preprocess(data, tokenizer, config)    # model inputs for train and eval splits
     trainer = Trainer(..., train_dataset=features.train, data_collator=task.collator(tokenizer),
                       compute_metrics=task.trainer_metrics())
@@ -103,6 +104,12 @@ class Task(ABC):
     def load_model(self, path: str, **kwargs: Any) -> nn.Module:
         """The pretrained model at ``path`` with this kind's (new) head."""
         return self.model_class().from_pretrained(path, **self.model_kwargs(), **kwargs)
+
+    def check_model(self, model: nn.Module, settings: Any) -> None:
+        """Raise a one-line :class:`~progtuning.errors.ProgtuningError` if ``model`` (the loaded
+        model, method applied) cannot run this task with these run settings (a ``TrainConfig``):
+        say, ``max_length`` beyond the model's positions. Called by the runner before anything is
+        written. Most kinds need no such check."""
 
     # -- scores ------------------------------------------------------------------------------
     def trainer_metrics(self) -> Callable[[Any], dict[str, float]] | None:

@@ -1,11 +1,13 @@
-"""Every score progtuning reports: accuracy, F1, Matthews, Pearson/Spearman, SQuAD exact match and F1.
+"""Every score progtuning reports: accuracy, F1, Matthews, Pearson/Spearman, SQuAD exact match and F1,
+and the exact match / token F1 of generated text.
 
 One module, so each score has one definition and one rule for the undefined case:
 
 * classification scores take logits ``(n, num_labels)`` (or class ids ``(n,)``) and integer labels;
 * a correlation is undefined for fewer than two points or a constant input (e.g. an untrained
   regression head); it is reported as 0, never NaN, so "best checkpoint" comparisons stay valid;
-* SQuAD answers are normalised as the official ``evaluate-v1.1.py`` / ``evaluate-v2.0.py`` do.
+* SQuAD answers are normalised as the official ``evaluate-v1.1.py`` / ``evaluate-v2.0.py`` do;
+  generated text (:func:`generation_scores`) is compared under the same normalisation.
 
 Task sources pick their metric from here (:data:`MetricFn`: ``(predictions, labels) -> {name: value}``).
 Each classification and regression metric also carries ``resampled``, the same scores on many
@@ -201,3 +203,20 @@ def squad_metrics(
                 result[f"{kind}_f1"] = 100.0 * float(np.mean(f1[kind]))
                 result[f"{kind}_total"] = float(len(exact[kind]))
     return result
+
+
+# ----------------------------------------------------------------------------- generated text
+def generation_scores(predictions: Iterable[str], references: Iterable[str]) -> dict[str, float]:
+    """Exact match and token F1 of generated texts against one reference each, as fractions in 0..1.
+
+    Texts are normalised as SQuAD answers are (lower case, no punctuation or articles), so
+    ``"Spam."`` matches ``"spam"``; token F1 is SQuAD v1.1's (an empty side scores 0).
+    """
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ProgtuningError("generation_scores got no references: generate for at least one example")
+    exact = [_exact(p, r) for p, r in zip(predictions, references)]
+    f1 = [_f1(p, r, version_2=False) for p, r in zip(predictions, references)]
+    return {"exact_match": float(np.mean(exact)), "token_f1": float(np.mean(f1))}

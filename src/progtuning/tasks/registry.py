@@ -2,12 +2,14 @@
 
 Sources, asked in this order:
 
+* ``causal-lm`` / ``instruct`` → the user's plain-text or instruction files (:mod:`progtuning.tasks.lmfiles`);
+* a built-in language-model task (``sms-spam-instruct``, ``movie-dialog``, ...) → :mod:`progtuning.tasks.builtin_lm`;
 * ``files`` (or any config with ``train_file``) → the user's CSV/TSV/JSONL (:mod:`progtuning.tasks.textfiles`);
 * a built-in name (``rotten-tomatoes``, ``trec6``, ...) → the offline packages (:mod:`progtuning.tasks.builtin`);
 * a GLUE name (``sst2``, ``mnli``, ...) → the hub or ``data_dir`` (:mod:`progtuning.tasks.glue`);
 * ``squad`` / ``squad_v2`` → the hub or ``data_dir`` (:mod:`progtuning.tasks.squad`).
 
-Each source returns a task of one kind (classification, regression, extractive QA) and a
+Each source returns a task of one kind (classification, regression, extractive QA, causal LM) and a
 ``datasets.DatasetDict``; this module subsamples it as the config asks and checks it, so the
 runner gets data that fits the task or a one-line error. Sources import nothing from here.
 """
@@ -30,11 +32,25 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
     Reads ``task``, ``data_dir``, the ``*_file`` / ``*_column`` / ``label_names`` / ``num_labels``
     / ``task_type`` keys of task ``files``, ``max_train_examples``, ``max_eval_examples`` and ``seed``.
     """
-    from progtuning.tasks import builtin, glue, squad, textfiles
+    from progtuning.tasks import builtin, builtin_lm, glue, lmfiles, squad, textfiles
 
     name = config.task
     sampled = False  # built-in tasks subsample stratified, inside their source
-    if name == "files" or config.train_file:
+    lm_settings = dict(packing=config.packing, max_new_tokens=config.max_new_tokens,
+                       generate_examples=config.generate_examples)
+    if name in lmfiles.LM_FILE_TASKS:
+        if not config.train_file:
+            raise ProgtuningError(f"task {name!r} needs --train-file PATH ({'.txt or .jsonl' if name == 'causal-lm' else '.jsonl'})")
+        task, data = lmfiles.load_lm_files(
+            name, config.train_file, config.validation_file, config.test_file,
+            text_column=config.text_column, **lm_settings,
+        )
+    elif name in builtin_lm.BUILTIN_LM_TASKS:
+        task, data = builtin_lm.load_builtin_lm(
+            name, config.max_train_examples, config.max_eval_examples, seed=config.seed, **lm_settings
+        )
+        sampled = True
+    elif name == "files" or config.train_file:
         if not config.train_file:
             raise ProgtuningError("task 'files' needs --train-file PATH (CSV, TSV or JSONL)")
         task, data = textfiles.load_text_files(
@@ -60,8 +76,9 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
         task, data = squad.squad_task(name), squad.load_squad(squad.SQUAD_TASKS[name.lower()], config.data_dir)
     else:
         raise ProgtuningError(
-            f"unknown task {name!r}: use a built-in task ({', '.join(builtin.BUILTIN_TASKS)}), "
-            f"a GLUE task ({', '.join(glue.GLUE_TASKS)}), squad, squad_v2, or 'files' with --train-file"
+            f"unknown task {name!r}: use a built-in task ({', '.join(builtin.BUILTIN_TASKS + builtin_lm.BUILTIN_LM_TASKS)}), "
+            f"a GLUE task ({', '.join(glue.GLUE_TASKS)}), squad, squad_v2, 'files' with --train-file, "
+            "or causal-lm / instruct with --train-file"
         )
     if not sampled:
         data = subsample_splits(data, config.max_train_examples, config.max_eval_examples, config.seed)
