@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from progtuning.core.stage_log import StageLogging
 from progtuning.runs.checkpoint_files import (
     CHECKPOINT_PREFIX,
     PARTIAL_PREFIX,
@@ -62,8 +63,9 @@ __all__ = [
 logger = logging.getLogger("progtuning")
 
 
-class ProgtuningTrainer(Trainer):
-    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring)."""
+class ProgtuningTrainer(StageLogging, Trainer):
+    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring);
+    every logging integration receives the stage with each training log (:class:`StageLogging`)."""
 
     def __init__(self, *args: Any, batch_mean_loss: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -47,6 +47,9 @@ class _WhatToTrain:
                       "squad / squad_v2, or 'files' with train_file", "rotten-tomatoes")
     model: str = _help("model alias (minilm-l6, minilm-l3, mpnet-base, smollm2-135m), local folder or hub id", "minilm-l6")
     data_dir: Optional[str] = _help("local GLUE task folder / SQuAD JSON folder instead of the hub")
+    dataset: Optional[str] = _help("a dataset on the Hugging Face hub by name (imdb, stanfordnlp/sst2, ...) or a local "
+                                   "dataset folder, read with datasets.load_dataset; columns: text_column, label_column")
+    dataset_config: Optional[str] = _help("--dataset: the name of its configuration (e.g. sst2 for nyu-mll/glue)")
     train_file: Optional[str] = _help("task 'files': CSV/TSV/JSONL training file")
     validation_file: Optional[str] = _help("task 'files': validation file (default: 10% of train, seeded)")
     test_file: Optional[str] = _help("task 'files': test file, scored once at the end")
@@ -100,6 +103,19 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     save_model: bool = _help("save the fine-tuned model and tokenizer at the end", True)
     logging_steps: int = _help("log the training loss every N steps", 10)
     trust_remote_code: bool = _help("allow model code from the hub (off: only transformers' own code runs)", False)
+    # -- logging, the Trainer's other settings, publishing (docs/ecosystem.md) --
+    report_to: str = _help("logging integrations, comma-separated: none, tensorboard, wandb, mlflow, ... "
+                           "(each gets the stage with every training log)", "none")
+    training_args: Optional[dict] = _help("any other transformers TrainingArguments field: a YAML mapping, or "
+                                          "--training-args.NAME VALUE (fp16, lr_scheduler_type, eval_strategy, ...)")
+    early_stopping_patience: Optional[int] = _help("stop after this many evaluations without a better score "
+                                                   "(transformers' EarlyStoppingCallback; keeps the best model)")
+    early_stopping_threshold: float = _help("early stopping: the least improvement that counts", 0.0)
+    merge_lora: bool = _help("lora: save the LoRA update folded into the base weights (a plain transformers model)",
+                             False)
+    push_to_hub: bool = _help("upload the model, its card (README.md) and results.json to the Hugging Face hub", False)
+    hub_model_id: Optional[str] = _help("hub repository for --push-to-hub (default: the output folder's name)")
+    hub_private: bool = _help("--push-to-hub: create the repository private", False)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -122,6 +138,12 @@ class TrainConfig(MethodSettings, _WhatToTrain):
             raise ProgtuningError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.stages is not None and self.stages < 1:
             raise ProgtuningError(f"stages must be at least 1, got {self.stages}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ProgtuningError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
+        if self.merge_lora and self.method != "lora":
+            raise ProgtuningError(f"merge_lora folds LoRA into the base weights: it needs method lora, not {self.method}")
+        if self.dataset and (self.train_file or self.data_dir):
+            raise ProgtuningError("give the data once: --dataset (the hub) or --train-file / --data-dir (local files)")
 
     def method_config(self) -> MethodConfig:
         """The method and its settings, as :func:`~progtuning.methods.api.apply_method` takes them."""
@@ -140,7 +162,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values: dict[str, Any] = {}
     if path is not None:
         values.update(read_yaml(path))
-    values.update(overrides or {})
+    for key, value in (overrides or {}).items():
+        if key in NESTED and isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = {**values[key], **value}  # --training-args.X adds to the YAML's mapping
+        values[key] = value
     renamed = sorted(k for k in values if k in RENAMED_KEYS)
     if renamed:
         raise ProgtuningError(f"config key {renamed[0]} is now called {RENAMED_KEYS[renamed[0]]}: rename it")
@@ -199,6 +224,12 @@ def coerce(key: str, value: Any) -> Any:
             return int(value)
         if base is float:
             return float(value)
+        if base is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if base is list:
             if isinstance(value, str):
                 value = yaml.safe_load(value)
@@ -222,6 +253,9 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             raise ProgtuningError(f"unexpected argument {token!r}: overrides look like --key value")
         key, has_value, value = token[2:].partition("=")
         key = key.replace("-", "_")
+        if key.split(".", 1)[0] in NESTED and "." in key:
+            i += _nested_override(overrides, key, value if has_value else None, tokens[i + 1 : i + 2])
+            continue
         if has_value:
             overrides[key] = value
             i += 1
@@ -240,6 +274,29 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             overrides[key] = tokens[i + 1]
             i += 2
     return overrides
+
+
+# Keys whose value is a mapping, also set one entry at a time: --training-args.fp16 true
+NESTED = ("training_args",)
+
+
+def _nested_override(overrides: dict, key: str, value: str | None, following: list[str]) -> int:
+    """``--training-args.NAME [VALUE]`` into ``overrides["training_args"]``; returns the tokens it used.
+
+    Without a value (the next token is another option, or none follows) it is a flag: ``true``. The
+    names and values are checked against ``TrainingArguments`` when the run starts.
+    """
+    outer, name = key.split(".", 1)
+    if not name:
+        raise ProgtuningError(f"--{outer.replace('_', '-')}.NAME needs a field name, e.g. --training-args.fp16")
+    used = 1
+    if value is None:
+        if following and not following[0].startswith("--"):
+            value, used = following[0], 2
+        else:
+            value = "true"
+    overrides.setdefault(outer, {})[name] = value
+    return used
 
 
 def config_help() -> str:

@@ -2,6 +2,7 @@
 
 Sources, asked in this order:
 
+* ``dataset`` set → a hub dataset by name, through ``datasets.load_dataset`` (:mod:`progtuning.tasks.hub_datasets`);
 * ``files`` (or any config with ``train_file``) → the user's CSV/TSV/JSONL (:mod:`progtuning.tasks.textfiles`);
 * a built-in name (``rotten-tomatoes``, ``trec6``, ...) → the offline packages (:mod:`progtuning.tasks.builtin`);
 * a GLUE name (``sst2``, ``mnli``, ...) → the hub or ``data_dir`` (:mod:`progtuning.tasks.glue`);
@@ -34,7 +35,20 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
 
     name = config.task
     sampled = False  # built-in tasks subsample stratified, inside their source
-    if name == "files" or config.train_file:
+    if getattr(config, "dataset", None):
+        from progtuning.tasks.hub_datasets import load_hub_dataset
+
+        task, data = load_hub_dataset(
+            config.dataset,
+            config.dataset_config,
+            text_column=config.text_column,
+            text_pair_column=config.text_pair_column,
+            label_column=config.label_column,
+            task_type=config.task_type,
+            label_names=config.label_names,
+            num_labels=config.num_labels,
+        )
+    elif name == "files" or config.train_file:
         if not config.train_file:
             raise ProgtuningError("task 'files' needs --train-file PATH (CSV, TSV or JSONL)")
         task, data = textfiles.load_text_files(
@@ -60,12 +74,32 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
     else:
         raise ProgtuningError(
             f"unknown task {name!r}: use a built-in task ({', '.join(builtin.BUILTIN_TASKS)}), "
-            f"a GLUE task ({', '.join(glue.GLUE_TASKS)}), squad, squad_v2, or 'files' with --train-file"
+            f"a GLUE task ({', '.join(glue.GLUE_TASKS)}), squad, squad_v2, 'files' with --train-file, "
+            "or a hub dataset with --dataset NAME"
         )
     if not sampled:
         data = subsample_splits(data, config.max_train_examples, config.max_eval_examples, config.seed)
     task.check(data)
     return task, data
+
+
+def task_source(config: Any) -> str:
+    """Which source :func:`load_task` reads ``config``'s task from: ``hub``, ``files``, ``builtin``,
+    ``glue`` or ``squad`` (the same order as there). Saved with a run, it lets
+    :func:`progtuning.tasks.spec.task_from_spec` rebuild the task without its data."""
+    from progtuning.tasks import builtin, glue, squad
+
+    if getattr(config, "dataset", None):
+        return "hub"
+    if config.task == "files" or config.train_file:
+        return "files"
+    if config.task in builtin.BUILTIN_TASKS:
+        return "builtin"
+    if glue.is_glue_task(config.task):
+        return "glue"
+    if squad.is_squad(config.task):
+        return "squad"
+    raise ProgtuningError(f"unknown task {config.task!r}")
 
 
 def subsample_splits(data: DatasetDict, max_train: int | None, max_eval: int | None, seed: int) -> DatasetDict:
