@@ -54,9 +54,10 @@ def _fit(tmp_path, callbacks, trainer_cls=LoggingTrainer, **overrides):
     return trainer
 
 
-def test_an_integration_listed_before_the_callback_receives_the_stage_with_every_training_log(tmp_path):
+def test_an_integration_listed_before_the_callback_receives_the_stage_with_every_training_log(tmp_path, caplog):
     spy, progtuning = Spy(), ProgtuningCallback(progressive(4, 2))
-    trainer = _fit(tmp_path, [spy, progtuning])
+    with caplog.at_level(logging.INFO, logger="progtuning"):
+        trainer = _fit(tmp_path, [spy, progtuning])
     training = [logs for logs in spy.logs if "loss" in logs]
     assert len(training) == 8  # 2 epochs x 4 steps, one log each
     assert [logs["progtuning_stage"] for logs in training] == [0] * 4 + [1] * 4
@@ -70,11 +71,13 @@ def test_an_integration_listed_before_the_callback_receives_the_stage_with_every
     # the Trainer's own history carries the same values
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [tuple(e[k] for k in KEYS) for e in history] == [tuple(logs[k] for k in KEYS) for logs in training]
-
-
-def test_evaluation_results_are_not_tagged(tmp_path):
-    progtuning = ProgtuningCallback(progressive(4, 2))
-    trainer = _fit(tmp_path, [progtuning])
+    # one console line per switch: the stage, what froze, what trains now
+    lines = [r.getMessage() for r in caplog.records if r.name == "progtuning" and "stage" in r.getMessage()]
+    assert lines == [
+        f"progtuning: stage 1/2 from step 0: training blocks 0-3, embeddings, head ({first:,} parameters)",
+        f"progtuning: stage 2/2 from step 4: blocks 0-1 froze; training blocks 2-3, embeddings, head ({second:,} parameters)",
+    ]
+    # evaluate() returns the dict it logged: it stays untagged
     scores = trainer.evaluate()
     assert "eval_loss" in scores and not set(KEYS) & set(scores)
 
@@ -85,18 +88,6 @@ def test_a_plain_trainer_tags_the_logs_of_the_callbacks_after_it(tmp_path):
     training = [logs for logs in spy.logs if "loss" in logs]
     assert training and all(set(KEYS) <= set(logs) for logs in training)
     assert training[-1]["progtuning_stage"] == 1
-
-
-def test_each_switch_prints_one_line_naming_what_froze_and_what_trains(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="progtuning"):
-        progtuning = ProgtuningCallback(progressive(4, 2))
-        _fit(tmp_path, [progtuning])
-    lines = [r.getMessage() for r in caplog.records if r.name == "progtuning" and "stage" in r.getMessage()]
-    first, second = (r["trainable_params"] for r in progtuning.stage_records())
-    assert lines == [
-        f"progtuning: stage 1/2 from step 0: training blocks 0-3, embeddings, head ({first:,} parameters)",
-        f"progtuning: stage 2/2 from step 4: blocks 0-1 froze; training blocks 2-3, embeddings, head ({second:,} parameters)",
-    ]
 
 
 def test_switch_lines_for_frozen_embeddings_growing_stages_and_a_resume():
