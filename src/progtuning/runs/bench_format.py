@@ -1,4 +1,4 @@
-"""What ``progtuning bench`` prints: the costs a user can act on, from the dict :func:`~progtuning.runs.bench.run_bench` returns.
+"""What ``progtuning bench`` prints: the costs a user can act on (from :func:`~progtuning.runs.bench.run_bench`).
 
 Every measured case is named by the ``progtuning train`` options that give it, and compared with
 full fine-tuning on the same model: the time of a whole run and what that saves, the peak memory

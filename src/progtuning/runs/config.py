@@ -142,6 +142,8 @@ class TrainConfig(MethodSettings, _WhatToTrain):
             raise ProgtuningError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
         if self.merge_lora and self.method != "lora":
             raise ProgtuningError(f"merge_lora folds LoRA into the base weights: it needs method lora, not {self.method}")
+        if self.push_to_hub and not self.save_model:
+            raise ProgtuningError("--push-to-hub uploads the saved model: drop --no-save-model")
         if self.dataset and (self.train_file or self.data_dir):
             raise ProgtuningError("give the data once: --dataset (the hub) or --train-file / --data-dir (local files)")
 

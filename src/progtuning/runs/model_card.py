@@ -195,7 +195,7 @@ def _usage(task: dict, method: str, merged: bool, repo_id: str | None, hub_base:
                 f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
     elif method in ("adapter", "bitfit"):
         code = ["from progtuning import load_method", "from transformers import AutoTokenizer", "",
-                f'model = load_method("{hub_base or "BASE_MODEL"}", "{where}")  # the base model, then what {method} trained',
+                f'model = load_method("{hub_base or "BASE_MODEL"}", "{where}")  # the base, then what {method} trained',
                 f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
     else:
         code = [f"from transformers import {auto}, AutoTokenizer", "",

@@ -232,10 +232,11 @@ def plot_probe(summary: dict, path: str | Path) -> Path:
     ax.set_xlabel("trained block (0 = bottom)")
     ax.set_ylabel(f"{summary['metric'] or 'score'} (validation)")
     budget = summary["budget"]
+    limit = budget["max_train_examples"]
+    examples = _count(limit, "training example") if limit else "all training examples"
     ax.set_title(
         f"{summary['task']} · {summary['model']} · {summary['method']}: "
-        f"{_count(budget['max_train_examples'], 'training example') if budget['max_train_examples'] else 'all training examples'}, "
-        f"{_count(budget['epochs'], 'epoch')}",
+        f"{examples}, {_count(budget['epochs'], 'epoch')}",
         fontsize=9,
     )
     ax.grid(axis="y", alpha=0.3)

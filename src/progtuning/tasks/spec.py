@@ -35,7 +35,9 @@ def task_spec(task: Task, source: str, label_column: str | None = None) -> dict[
         "kind": task.kind,
         "main_metric": task.main_metric,
         "input_columns": list(task.input_columns()) if _reusable(task) else None,
-        "label_column": label_column or getattr(task, "label_column", None) or ("answers" if task.kind == "extractive_qa" else None),
+        # extractive QA keeps its labels in SQuAD's "answers"
+        "label_column": label_column or getattr(task, "label_column", None) or
+        ("answers" if task.kind == "extractive_qa" else None),
     }
     if task.kind in ("classification", "regression"):
         spec["text_columns"] = list(task.text_columns)
