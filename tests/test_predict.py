@@ -166,3 +166,35 @@ def test_files_whose_columns_do_not_match_are_refused_in_one_line(tiny_run, tmp_
     ]
     assert not (tmp_path / "bad.predictions.csv").exists()
     assert main(["predict", str(tmp_path), "--file", str(bad)]) == 2  # not a run folder
+
+
+def test_extractive_qa_predicts_and_scores_a_file_through_the_same_interface(tmp_path):
+    """An untrained tiny QA head: the answers are whatever it picks, but each is a span of its context and
+    evaluate scores exactly those answers."""
+    from types import SimpleNamespace
+
+    import transformers
+    from tiny_run import make_tiny_setup
+    from transformers import Trainer, TrainingArguments
+
+    from progtuning.tasks.metrics import squad_metrics
+
+    model_dir, _ = make_tiny_setup(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    task = task_from_spec(task_spec(squad_task("squad"), "squad"))
+    table = pd.DataFrame({
+        "question": ["what was good ?", "the plot ?"],
+        "context": ["the movie was good and fun", "the plot was boring"],
+        "answers": [json.dumps({"text": ["good"], "answer_start": [14]}), {"text": ["boring"], "answer_start": [13]}],
+    })
+    examples = task.examples_from_table(table, "answers", "file 'q.jsonl'")
+    features = task.features_for(examples, tokenizer, SimpleNamespace(max_length=16, doc_stride=4))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True,
+                                                          disable_tqdm=True), data_collator=task.collator(tokenizer))
+    answers = [row["answer"] for row in task.predictions(trainer, features, "test")]
+    assert len(answers) == 2 and all(a in c for a, c in zip(answers, table["context"]))
+    expected = squad_metrics({"0": answers[0], "1": answers[1]}, examples)
+    assert task.evaluate(trainer, features, "test") == expected
+    with pytest.raises(ProgtuningError, match=r"row 1: answers must look like"):
+        task.examples_from_table(table.assign(answers=["good"] * 2), "answers", "file 'q.jsonl'")
