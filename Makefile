@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-offline.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c requirements.lock -e '.[all,test]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[all,lightning,test]'
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
 	touch $(STAMP)
 

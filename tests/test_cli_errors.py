@@ -231,7 +231,7 @@ def test_max_length_beyond_the_models_positions(setup, tmp_path, capsys, monkeyp
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["train", "--fp16", "--epochs", "1"], "error: unknown key --fp16 (progtuning train has no mixed precision"),
+        (["train", "--fp16", "--epochs", "1"], "error: unknown key --fp16 (a TrainingArguments field: pass it as --training-args.fp16)"),
         (["train", "--epoch", "1"], "error: unknown key --epoch (did you mean --epochs?)"),
         (["probe", "--blokcs", "1"], "error: unknown key --blokcs (did you mean --blocks?)"),
         (["plan", "--epohcs", "3"], "error: unknown key --epohcs (did you mean --epochs?): see `progtuning plan --help`"),
@@ -346,7 +346,8 @@ def test_a_full_disk_at_the_first_checkpoint_leaves_no_folder(setup, tmp_path, c
 
 @pytest.mark.parametrize(
     "writer, part, left",
-    [("json.dump", "log_history", ["checkpoints", "model", "progtuning-files.json"]),  # the model came first, whole
+    # the model and its card (README.md) came first, whole
+    [("json.dump", "log_history", ["README.md", "checkpoints", "model", "progtuning-files.json"]),
      ("transformers.modeling_utils.safe_save_file", ".partial-model", ["checkpoints", "progtuning-files.json"])],
     ids=["results.json", "model"],
 )
@@ -361,4 +362,4 @@ def test_a_full_disk_at_the_end_leaves_no_half_file(setup, tmp_path, capsys, mon
     assert sorted(os.listdir(out)) == left  # no temporary or half-written file
     monkeypatch.undo()
     assert main(train_argv(model_dir, data_dir, out, "--epochs", "1", "--resume")) == 0
-    assert sorted(os.listdir(out)) == ["checkpoints", "model", "progtuning-files.json", "results.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "checkpoints", "model", "progtuning-files.json", "results.json"]

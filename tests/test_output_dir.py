@@ -42,7 +42,8 @@ def _one_error(capsys) -> str:
 def test_a_run_records_what_it_owns(finished):
     manifest = json.loads((finished / MANIFEST).read_text())
     assert manifest["owned"] == list(OWNED)
-    assert sorted(os.listdir(finished)) == ["checkpoints", "model", MANIFEST, "results.json"]
+    # README.md: the model card beside the saved model
+    assert sorted(os.listdir(finished)) == ["README.md", "checkpoints", "model", MANIFEST, "results.json"]
     assert all(is_owned(name) for name in os.listdir(finished))
 
 
@@ -54,8 +55,10 @@ def test_overwrite_replaces_a_previous_run(setup, finished, tmp_path):
     shutil.copytree(finished, out)
     (out / "prefix_cache").mkdir()  # an owned name from another run's options: goes too
     (out / "results.json").write_text('{"old": true}')
-    assert main(train_argv(model_dir, data_dir, out, "--epochs", "1", "--overwrite")) == 0
-    assert sorted(os.listdir(out)) == ["checkpoints", "model", MANIFEST, "results.json"]
+    (out / "README.md").write_text("the old run's card")
+    assert main(train_argv(model_dir, data_dir, out, "--epochs", "1", "--overwrite", "--no-save-model")) == 0
+    # the old card and model went with the old run; this run saves neither
+    assert sorted(os.listdir(out)) == ["checkpoints", MANIFEST, "results.json"]
     assert "config" in json.loads((out / "results.json").read_text())  # the new run's
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-8"]
 

@@ -90,7 +90,7 @@ def test_good_defaults_and_edge_values_pass():
 @pytest.mark.parametrize(
     "tokens, expected",
     [
-        (["--fp16", "--epochs", "1"], "unknown key --fp16 (progtuning train has no mixed precision option)"),
+        (["--fp16", "--epochs", "1"], "unknown key --fp16 (a TrainingArguments field: pass it as --training-args.fp16)"),
         (["--learning-rat", "1"], "unknown key --learning-rat (did you mean --learning-rate?)"),
         (["--lr", "1e-3"], "unknown key --lr (did you mean --learning-rate?)"),
         (["--num-train-epochs", "3"], "unknown key --num-train-epochs (did you mean --epochs?)"),

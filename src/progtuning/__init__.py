@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "ProgtuningTrainer": "progtuning.runs.checkpoints",
     "Schedule": "progtuning.core.schedule",
     "Stage": "progtuning.core.schedule",
+    "StageLogging": "progtuning.core.stage_log",
     "StageTelemetry": "progtuning.core.telemetry",
     "apply_method": "progtuning.methods.api",
     "count_updates": "progtuning.core.counting",
@@ -64,6 +65,7 @@ __all__ = [
     "ProgtuningTrainer",
     "Schedule",
     "Stage",
+    "StageLogging",
     "StageTelemetry",
     "apply_method",
     "count_updates",
@@ -99,6 +101,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from progtuning.core.distributed import DistributedFreezer
     from progtuning.core.freezing import ProgressiveFreezer, release_optimizer_state
     from progtuning.core.schedule import Schedule, Stage, explicit, no_progtuning, progressive, split_into_parts
+    from progtuning.core.stage_log import StageLogging
     from progtuning.core.telemetry import StageTelemetry
     from progtuning.errors import ProgtuningError
     from progtuning.methods.api import apply_method, load_method, save_method

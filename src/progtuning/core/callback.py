@@ -10,7 +10,9 @@ Drop it into any ``Trainer``::
 * The stage is re-derived from ``state.global_step`` before every optimizer update
   (``on_step_begin`` runs once per update, so gradient accumulation is respected), which also
   makes ``resume_from_checkpoint`` re-apply the right stage.
-* Each log line gets ``progtuning_stage`` and ``trainable_params``; :meth:`ProgtuningCallback.stage_records`
+* Each training log gets ``progtuning_stage``, ``trainable_params`` and ``updated_params`` (so far),
+  and each switch one console line (:mod:`progtuning.core.stage_log`, which also says how logging
+  integrations such as TensorBoard receive them); :meth:`ProgtuningCallback.stage_records`
   says which stage ran over which steps (with its trainable parameters and mean logged loss).
   What each stage cost in time and memory is measured by
   :class:`~progtuning.core.telemetry.StageTelemetry`, a separate callback.
@@ -42,6 +44,7 @@ from progtuning.core.fsdp import ShardedFreezer, is_sharded
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer, StageChange
 from progtuning.core.schedule import EmbeddingPolicy, Schedule, Unit, progressive
+from progtuning.core.stage_log import is_training_log, log_switch, stage_log_values
 
 # Our entry in TrainerState.stateful_callbacks: it is saved in every checkpoint's trainer_state.json and
 # comes back with it on resume, wherever the checkpoint lies (not a callback class name, so the Trainer
@@ -157,6 +160,7 @@ class ProgtuningCallback(TrainerCallback):
             state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
             self._close_record(state.global_step)
             self.records.append(StageRecord(change.stage, state.global_step, trainable_params=change.trainable_params))
+            log_switch(change, self.freezer, state.global_step, state.is_world_process_zero)
         self.changes.append(change)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -170,12 +174,13 @@ class ProgtuningCallback(TrainerCallback):
             state.stateful_callbacks[STATE_KEY] = self._resume_check_data()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.freezer is None or self.freezer.stage_index is None or logs is None:
+        extra = self.log_values(state.global_step)
+        if extra is None or logs is None:
             return
-        extra = {"progtuning_stage": self.freezer.stage_index, "trainable_params": self.records[-1].trainable_params}
         if "loss" in logs and self.records:
             self.records[-1].losses.append(float(logs["loss"]))
-        # Only the Trainer's history gets the stage: `logs` is also what evaluate() returns.
+        if is_training_log(logs):  # for the callbacks after this one (evaluate() returns its logs: untouched)
+            logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
@@ -183,6 +188,13 @@ class ProgtuningCallback(TrainerCallback):
         self._close_record(state.global_step)
 
     # -- state -----------------------------------------------------------------------------------
+    def log_values(self, step: int) -> dict | None:
+        """The stage values a log after optimizer ``step`` carries; None before training starts."""
+        if self.freezer is None or self.freezer.stage_index is None or not self.records:
+            return None
+        return stage_log_values(self.freezer, self.records[-1].trainable_params, self.steps_per_epoch,
+                                self.total_steps, step)
+
     def stage_records(self) -> list[dict]:
         return [record.to_dict() for record in self.records]
 

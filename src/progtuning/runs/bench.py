@@ -46,7 +46,7 @@ Never assert on these timings in tests: they are benchmarks, noisy on a shared m
 The pieces: :mod:`~progtuning.runs.bench_config` (the settings, also the command line),
 :mod:`~progtuning.runs.bench_flops` (the FLOP model and the cases), this module (the harness),
 :mod:`~progtuning.runs.bench_memory` (measuring memory) and :mod:`~progtuning.runs.bench_format`
-(targets and the printed tables).
+(the printed tables).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ from progtuning.core.schedule import progressive
 from progtuning.errors import ProgtuningError
 from progtuning.runs.bench_config import BenchConfig, add_arguments, config_from_args
 from progtuning.runs.bench_flops import BuildKey, Key, flop_units, ordered_cases, plan_variants
-from progtuning.runs.bench_format import format_results, targets
+from progtuning.runs.bench_format import format_results
 from progtuning.runs.bench_memory import (
     PeakSampler,
     SavedTensors,
@@ -283,7 +283,7 @@ def _two_stage(num_blocks: int, lowest: int, policy: str):
 def _trainer_step_times(
     model, dataset, config: BenchConfig, with_callback: bool, output_dir: str, clock: Callable[[], float]
 ) -> list[float]:
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     from progtuning.core.callback import ProgtuningCallback
 
@@ -308,6 +308,7 @@ def _trainer_step_times(
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                       callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # its log lines would land in the bench's printed tables
     trainer.train()
     if with_callback:
         callbacks[0].freezer.close()
@@ -490,7 +491,6 @@ def _summarise(config, device, variants, cases, medians, step_times, memory, ove
             "ratio": round(callback / plain, 4),
             "steps_measured": [len(overhead["plain"]), len(overhead["callback"])],
         }
-    result["targets"] = targets(result, config)
     return result
 
 

@@ -1,79 +1,78 @@
-"""The bench's targets and its printed tables (from the results dict :func:`~progtuning.runs.bench.run_bench` returns)."""
+"""What ``progtuning bench`` prints: the costs a user can act on (from :func:`~progtuning.runs.bench.run_bench`).
+
+Every measured case is named by the ``progtuning train`` options that give it, and compared with
+full fine-tuning on the same model: the time of a whole run and what that saves, the peak memory
+of the last stage, then each stage's step time and memory. The JSON (``--json``) keeps every number,
+FLOP-model bounds included; the text leaves out what a user cannot act on.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+# bench variant -> the `progtuning train` options that run it
+_OPTIONS = {
+    "full": "full fine-tuning (--no-progtuning)",
+    "prog-always": "Progtuning as it comes (--embeddings always)",
+    "prog-first_stage": "--embeddings first_stage",
+    "prog-never": "--embeddings never",
+    "prog-never/dropout-on": "--embeddings never --no-eval-frozen-blocks",
+    "lora": "LoRA alone (--method lora --no-progtuning)",
+    "lora+prog": "--method lora",
+    "lora+prog+cache": "--method lora --cache-frozen",
+}
 
-from progtuning.runs.bench_config import BenchConfig
+
+def option_text(variant: str) -> str:
+    """The options of ``progtuning train`` that a bench variant measures."""
+    if variant in _OPTIONS:
+        return _OPTIONS[variant]
+    if variant.startswith("prog-") and variant.endswith("+cache"):
+        return f"--embeddings {variant[len('prog-'):-len('+cache')]} --cache-frozen"
+    return variant
 
 
-def targets(result: dict, config: BenchConfig) -> dict:
-    variants = result["variants"]
-    targets: dict[str, Any] = {}
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
-    def check(name: str, value, limit: float, smaller: bool = True):
-        if value is None:
-            return
-        targets[name] = {"value": value, "limit": limit, "met": value <= limit if smaller else value >= limit}
 
-    if "prog-never" in variants:
-        check("schedule, embeddings frozen, no cache <= 0.72", variants["prog-never"]["schedule_ratio"], 0.72)
-    cached = [v for n, v in variants.items() if n.startswith("prog-") and n.endswith("+cache")]
-    if cached:
-        best = min(v["schedule_ratio"] for v in cached)
-        check("schedule, cache incl. build <= 0.60", best, 0.60)
-    overhead = result.get("callback_overhead")
-    if overhead:
-        check("stage 1 via Trainer + callback within 2% of a plain Trainer step", overhead["ratio"], 1.02)
-    last = [v["stages"][-1].get("memory_ratio") for n, v in variants.items() if n.startswith("prog-")]
-    last = [x for x in last if x is not None]
-    if last:
-        check(f"last-stage peak memory <= 0.5 x full (batch {config.memory_batch})", min(last), 0.5)
-    return targets
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.0%}"
 
 
 def format_results(results: dict) -> str:
-    """The per-stage and whole-schedule tables as plain text."""
-    lines = []
-    cfg = results["config"]
-    lines.append(
-        f"{cfg['arch']} hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads, intermediate "
-        f"{cfg['intermediate']}, seq {cfg['seq']}, batch {cfg['batch']}, T={cfg['stages']} on {results['device']} "
-        f"({results['threads']} threads, {results['clock']} time); full step {results['full_step_s']:.3f}s; medians over "
-        f"{cfg['rounds']} rounds x {cfg['steps']} steps"
-    )
-    header = f"{'variant':<26}{'stage':>6}{'step s':>9}{'ratio':>8}{'FLOP':>7}{'build s':>9}{'peak MB':>9}{'mem':>7}{'act MB':>8}"
-    lines.append(header)
-    lines.append("-" * len(header))
-    for name, variant in results["variants"].items():
-        for s in variant["stages"]:
-            build = f"{s['build_s']:.3f}" if s.get("build_s") is not None else "-"
-            peak = f"{s['peak_mb']:.0f}" if s.get("peak_mb") is not None else "-"
-            mem = f"{s['memory_ratio']:.2f}" if s.get("memory_ratio") is not None else "-"
-            act = f"{s['activations_mb']:.0f}" if s.get("activations_mb") is not None else "-"
-            lines.append(
-                f"{name if s['stage'] == 0 else '':<26}{s['stage'] + 1:>6}{s['step_s']:>9.3f}{s['ratio']:>8.3f}"
-                f"{s['flop_ratio']:>7.3f}{build:>9}{peak:>9}{mem:>7}{act:>8}"
-            )
-    lines.append("")
-    lines.append(f"{'whole schedule':<26}{'ratio':>8}{'steps only':>12}{'FLOP':>8}{'vs LoRA':>9}{'FLOP vs LoRA':>14}")
-    for name, variant in results["variants"].items():
-        vs = variant.get("schedule_ratio_vs_lora")
-        vs_flop = variant.get("schedule_flop_ratio_vs_lora")
-        lines.append(
-            f"{name:<26}{variant['schedule_ratio']:>8.3f}{variant['schedule_ratio_steps_only']:>12.3f}"
-            f"{variant['schedule_flop_ratio']:>8.3f}{(f'{vs:.3f}' if vs else '-'):>9}"
-            f"{(f'{vs_flop:.3f}' if vs_flop else '-'):>14}"
-        )
+    """The tables ``progtuning bench`` prints."""
+    cfg, variants = results["config"], results["variants"]
+    full = variants["full"]["stages"][0]
+    width = max(len(option_text(name)) for name in variants) + 2
+    clock = "CPU time" if results["clock"] == "cpu" else "wall time"
+    lines = [
+        f"{cfg['arch']}, hidden {cfg['hidden']}, {cfg['layers']} blocks, sequence {cfg['seq']}, batch {cfg['batch']}, "
+        f"T={cfg['stages']} stages, on {results['device']} ({_count(results['threads'], 'thread')}, {clock}; "
+        f"medians of {_count(cfg['rounds'], 'round')} x {_count(cfg['steps'], 'step')})",
+        f"full fine-tuning: {results['full_step_s']:.3f} s per optimizer step"
+        + (f", peak memory {full['peak_mb']:,.0f} MB at batch {cfg['memory_batch']}" if full.get("peak_mb") else ""),
+        "",
+        "a whole run of T equal epochs against full fine-tuning (cache building included):",
+        f"  {'option (progtuning train ...)':<{width}}{'time':>7}{'saves':>8}{'last-stage memory':>19}",
+    ]
+    for name, variant in variants.items():
+        if name == "full":
+            continue
+        ratio = variant["schedule_ratio"]
+        memory = variant["stages"][-1].get("memory_ratio")
+        vs_lora = variant.get("schedule_ratio_vs_lora")
+        note = f"   ({_percent(vs_lora)} of LoRA alone)" if vs_lora and name != "lora" else ""
+        lines.append(f"  {option_text(name):<{width}}{_percent(ratio):>7}{_percent(1 - ratio):>8}"
+                     f"{_percent(memory):>19}{note}")
+    stages = cfg["stages"]
+    lines += ["", "each stage, as step time / peak memory against full fine-tuning:",
+              f"  {'option':<{width}}" + "".join(f"{f'stage {t + 1}':>15}" for t in range(stages))]
+    for name, variant in variants.items():
+        if name == "full":
+            continue
+        cells = [f"{_percent(s['ratio'])} / {_percent(s.get('memory_ratio'))}" for s in variant["stages"]]
+        lines.append(f"  {option_text(name):<{width}}" + "".join(f"{c:>15}" for c in cells))
     overhead = results.get("callback_overhead")
     if overhead:
-        lines.append("")
-        lines.append(
-            f"callback overhead (HF Trainer, stage 1): plain {overhead['plain_trainer_step_s']:.3f}s, with "
-            f"ProgtuningCallback {overhead['callback_trainer_step_s']:.3f}s, ratio {overhead['ratio']:.3f}"
-        )
-    if results.get("targets"):
-        lines.append("")
-        for name, target in results["targets"].items():
-            lines.append(f"[{'met' if target['met'] else 'NOT met'}] {name}: {target['value']}")
+        lines += ["", f"the ProgtuningCallback itself: a Trainer step took {overhead['callback_trainer_step_s']:.3f} s "
+                      f"with it and {overhead['plain_trainer_step_s']:.3f} s without ({overhead['ratio'] - 1:+.1%})"]
     return "\n".join(lines)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from progtuning.core.stage_log import StageLogging
 from progtuning.runs.checkpoint_files import (
     CHECKPOINT_PREFIX,
     PARTIAL_PREFIX,
@@ -70,8 +71,9 @@ __all__ = [
 logger = logging.getLogger("progtuning")
 
 
-class ProgtuningTrainer(ShardedTraining, Trainer):
-    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring).
+class ProgtuningTrainer(StageLogging, ShardedTraining, Trainer):
+    """``transformers.Trainer`` with atomic checkpoints and batch-mean loss scaling (see the module docstring);
+    every logging integration receives the stage with each training log (:class:`StageLogging`).
 
     A model sharded by FSDP2 before the Trainer was built gets sharded checkpoints (:class:`ShardedTraining`).
     """

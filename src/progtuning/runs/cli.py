@@ -7,6 +7,10 @@
     progtuning sweep SWEEP.yaml [--parallel N]        a resumable grid of train runs, one folder each
     progtuning report DIR... [--out DIR]              Markdown/CSV tables and PNG plots from results.json files
     progtuning probe CONFIG.yaml [--key value ...]    train embeddings + one block, for each block (Figure 1)
+    progtuning predict RUN_DIR --file new.csv         a saved run's predictions (with probabilities) for a file
+    progtuning evaluate RUN_DIR --file labelled.csv   a saved run scored on a labelled file with the task's metric
+    progtuning push RUN_DIR [--hub-model-id ID]       a finished run to the Hugging Face hub (model, card, results)
+    progtuning --version
 
 A user's mistake is printed as one line, ``error: ...``, with exit code 2: a bad value or an unknown
 option (with the closest known one), a missing file, an output folder that cannot be used, a
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from progtuning.runs.reporting import show_progress_lines
+
+    show_progress_lines()  # stage switches and other progress lines on stderr
     try:
         return args.handler(args, rest) or 0
     except OSError as error:
@@ -133,7 +140,10 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``command`` (``argv[:1]``) says which subcommand's options must be complete."""
     from progtuning.runs.config import config_help
 
+    from progtuning import __version__
+
     parser = _Parser(prog="progtuning", description="Progressive fine-tuning for Transformers.")
+    parser.add_argument("--version", action="version", version=f"progtuning {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     train = commands.add_parser(
@@ -205,8 +215,63 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             probe.add_argument(option, action="store_true", help=text)
     probe.set_defaults(handler=_probe)
+    _add_reuse_commands(commands)
     parser.chosen = commands.choices.get(command[0]) if command else None  # whose options an error lists
     return parser
+
+
+def _add_reuse_commands(commands) -> None:
+    """predict, evaluate and push: what is done with a finished run."""
+    predict = commands.add_parser("predict", help="predictions of a saved run for a CSV/TSV/JSONL file")
+    predict.add_argument("run_dir", help="the output folder of `progtuning train`")
+    predict.add_argument("--file", required=True, help="rows to predict, with the columns the run was trained on")
+    predict.add_argument("--out", help="where to write them (default: beside the file, NAME.predictions.EXT)")
+    predict.add_argument("--batch-size", type=int, help="prediction batch size (default: the run's eval_batch_size)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    predict.set_defaults(handler=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="score a saved run on a labelled file with its task's metric")
+    evaluate.add_argument("run_dir", help="the output folder of `progtuning train`")
+    evaluate.add_argument("--file", required=True, help="labelled rows (CSV/TSV/JSONL), columns as in training")
+    evaluate.add_argument("--batch-size", type=int, help="batch size (default: the run's eval_batch_size)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=_evaluate)
+
+    push = commands.add_parser("push", help="upload a finished run to the Hugging Face hub (model, card, results)")
+    push.add_argument("run_dir", help="the output folder of `progtuning train`")
+    push.add_argument("--hub-model-id", help="repository (default: the folder's name)")
+    push.add_argument("--hub-private", action="store_true", help="create the repository private")
+    push.set_defaults(handler=_push)
+
+
+def _predict(args, rest: list[str]) -> int:
+    from progtuning.runs.predict import predict_file
+
+    out, rows = predict_file(args.run_dir, args.file, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"{rows} predictions -> {out}")
+    return 0
+
+
+def _evaluate(args, rest: list[str]) -> int:
+    from progtuning.runs.predict import evaluate_file
+
+    result = evaluate_file(args.run_dir, args.file, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['task']} on {result['file']} ({result['examples']} examples):")
+    for name, value in result["scores"].items():
+        marker = "  (main metric)" if name == result["main_metric"] else ""
+        print(f"  {name:<24} {value:.4f}{marker}" if isinstance(value, float) else f"  {name:<24} {value}")
+    return 0
+
+
+def _push(args, rest: list[str]) -> int:
+    from progtuning.runs.hub import check_can_push, push_run
+
+    check_can_push()
+    print(push_run(args.run_dir, args.hub_model_id, private=args.hub_private))
+    return 0
 
 
 # probe's own options (everything else on its command line is a train override): option -> (metavar, help)

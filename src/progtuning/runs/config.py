@@ -50,6 +50,9 @@ class _WhatToTrain:
                       "(language modelling on text / instruction files) with train_file", "rotten-tomatoes")
     model: str = _help("model alias (minilm-l6, minilm-l3, mpnet-base, smollm2-135m), local folder or hub id", "minilm-l6")
     data_dir: Optional[str] = _help("local GLUE task folder / SQuAD JSON folder instead of the hub")
+    dataset: Optional[str] = _help("a dataset on the Hugging Face hub by name (imdb, stanfordnlp/sst2, ...) or a local "
+                                   "dataset folder, read with datasets.load_dataset; columns: text_column, label_column")
+    dataset_config: Optional[str] = _help("--dataset: the name of its configuration (e.g. sst2 for nyu-mll/glue)")
     train_file: Optional[str] = _help("task 'files': CSV/TSV/JSONL training file")
     validation_file: Optional[str] = _help("task 'files': validation file (default: 10% of train, seeded)")
     test_file: Optional[str] = _help("task 'files': test file, scored once at the end")
@@ -129,6 +132,19 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     save_model: bool = _help("save the fine-tuned model and tokenizer at the end", True)
     logging_steps: int = _help("log the training loss every N steps", 10)
     trust_remote_code: bool = _help("allow model code from the hub (off: only transformers' own code runs)", False)
+    # -- logging, the Trainer's other settings, publishing (docs/ecosystem.md) --
+    report_to: str = _help("logging integrations, comma-separated: none, tensorboard, wandb, mlflow, ... "
+                           "(each gets the stage with every training log)", "none")
+    training_args: Optional[dict] = _help("any other transformers TrainingArguments field: a YAML mapping, or "
+                                          "--training-args.NAME VALUE (fp16, lr_scheduler_type, eval_strategy, ...)")
+    early_stopping_patience: Optional[int] = _help("stop after this many evaluations without a better score "
+                                                   "(transformers' EarlyStoppingCallback; keeps the best model)")
+    early_stopping_threshold: float = _help("early stopping: the least improvement that counts", 0.0)
+    merge_lora: bool = _help("lora: save the LoRA update folded into the base weights (a plain transformers model)",
+                             False)
+    push_to_hub: bool = _help("upload the model, its card (README.md) and results.json to the Hugging Face hub", False)
+    hub_model_id: Optional[str] = _help("hub repository for --push-to-hub (default: the output folder's name)")
+    hub_private: bool = _help("--push-to-hub: create the repository private", False)
 
     def validate(self) -> None:
         from progtuning.runs.validation import validate_values
@@ -161,7 +177,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values: dict[str, Any] = {}
     if path is not None:
         values.update(read_yaml(path))
-    values.update(overrides or {})
+    for key, value in (overrides or {}).items():
+        if key in NESTED and isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = {**values[key], **value}  # --training-args.X adds to the YAML's mapping
+        values[key] = value
     renamed = sorted(k for k in values if k in RENAMED_KEYS)
     if renamed:
         raise ProgtuningError(f"config key {renamed[0]} is now called {RENAMED_KEYS[renamed[0]]}: rename it")
@@ -236,6 +255,12 @@ def coerce(key: str, value: Any) -> Any:
             return int(value)
         if base is float:
             return float(value)
+        if base is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if base is list:
             if isinstance(value, str):
                 value = yaml.safe_load(value)
@@ -264,6 +289,9 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                                   "(the config file, if any, comes first)")
         key, has_value, value = token[2:].partition("=")
         key = key.replace("-", "_")
+        if key.split(".", 1)[0] in NESTED and "." in key:
+            i += _nested_override(overrides, key, value if has_value else None, tokens[i + 1 : i + 2])
+            continue
         negated = key.startswith("no_") and key[3:] in FIELDS and _is_bool(key[3:])
         if key not in FIELDS and not negated:
             raise ProgtuningError(unknown_flag_message(key))
@@ -291,9 +319,14 @@ _NAMES_ELSEWHERE = {
     "lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
     "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
     "model_name_or_path": "model", "max_seq_length": "max_length", "overwrite_output_dir": "overwrite",
-    "resume_from_checkpoint": "resume", "task_name": "task", "warmup_steps": "warmup_ratio",
+    "resume_from_checkpoint": "resume", "task_name": "task",
 }
-_NOT_OFFERED = {"fp16": "mixed precision", "bf16": "mixed precision", "deepspeed": "DeepSpeed", "fsdp": "FSDP"}
+# TrainingArguments fields people often pass as top-level flags: they go through --training-args.NAME
+# (runs/training_args.py checks them against TrainingArguments when the run starts).
+_TRAINING_ARGS_FIELDS = {"fp16", "bf16", "warmup_steps", "lr_scheduler_type", "optim", "eval_strategy", "eval_steps",
+                         "save_strategy", "save_steps", "load_best_model_at_end", "metric_for_best_model",
+                         "torch_compile", "tf32", "label_smoothing_factor"}
+_NOT_OFFERED = {"deepspeed": "DeepSpeed"}
 
 
 def unknown_flag_message(key: str) -> str:
@@ -303,6 +336,9 @@ def unknown_flag_message(key: str) -> str:
     flag = "--" + key.replace("_", "-")
     if key in _NAMES_ELSEWHERE:
         hint = f" (did you mean --{_NAMES_ELSEWHERE[key].replace('_', '-')}?)"
+    elif key in _TRAINING_ARGS_FIELDS:
+        extra = " or --warmup-ratio" if key == "warmup_steps" else ""
+        hint = f" (a TrainingArguments field: pass it as --training-args.{key}{extra})"
     elif key in _NOT_OFFERED:
         hint = f" (progtuning train has no {_NOT_OFFERED[key]} option)"
     else:
@@ -322,6 +358,29 @@ def _is_number(token: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# Keys whose value is a mapping, also set one entry at a time: --training-args.fp16 true
+NESTED = ("training_args",)
+
+
+def _nested_override(overrides: dict, key: str, value: str | None, following: list[str]) -> int:
+    """``--training-args.NAME [VALUE]`` into ``overrides["training_args"]``; returns the tokens it used.
+
+    Without a value (the next token is another option, or none follows) it is a flag: ``true``. The
+    names and values are checked against ``TrainingArguments`` when the run starts.
+    """
+    outer, name = key.split(".", 1)
+    if not name:
+        raise ProgtuningError(f"--{outer.replace('_', '-')}.NAME needs a field name, e.g. --training-args.fp16")
+    used = 1
+    if value is None:
+        if following and not following[0].startswith("--"):
+            value, used = following[0], 2
+        else:
+            value = "true"
+    overrides.setdefault(outer, {})[name] = value
+    return used
 
 
 def config_help() -> str:

@@ -1,7 +1,7 @@
 """The run folder: what progtuning may write there, what ``--overwrite`` may delete, and clean failures.
 
 A run folder holds a manifest, ``progtuning-files.json``, written before anything else. It lists
-the names progtuning writes at the top of the folder (:data:`OWNED`: ``results.json``, ``model/``,
+the names progtuning writes at the top of the folder (:data:`OWNED`: ``results.json``, ``README.md``, ``model/``,
 ``checkpoints/``, ...; everything inside those folders is progtuning's). ``--overwrite`` then
 deletes exactly those names, and only in a folder that has the manifest and holds nothing else:
 a folder with a file progtuning did not write (``my.csv``, ``notes/``), or without a manifest, is
@@ -38,6 +38,8 @@ OWNED = (
     f".{MANIFEST}.*",
     "results.json",
     ".results.json.*",
+    "README.md",  # the model card
+    ".README.md.*",
     "model",
     ".partial-model",
     ".deleting-model",

@@ -35,6 +35,59 @@ def _panels(count: int):
     return plt, fig, flat[:count]
 
 
+def _count(number: float, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``, ``0.5 epochs``, ``1,000 training examples``."""
+    text = f"{number:,}" if isinstance(number, int) else f"{number:g}"
+    return f"{text} {noun}" if number == 1 else f"{text} {noun}s"
+
+
+def _compact(value: float, _position=None) -> str:
+    """Axis labels people read at a glance: 950, 12.5k, 3.4M, 1.1B."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _compact_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(_compact)
+
+
+def _parameter_axis(ax, values: list) -> None:
+    """Parameter counts on x: a log scale when they span a factor of ten or more, else a linear one with a
+    few compactly labelled ticks (log ticks inside one decade crowd together); padded so no point sits on an edge."""
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
+
+    values = [v for v in values if v]
+    if not values:
+        return
+    low, high = min(values), max(values)
+    if low > 0 and high / low >= 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(low / 1.6, high * 1.6)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        pad = (high - low) * 0.12 or high * 0.05 or 1
+        ax.set_xlim(low - pad, high + pad)
+    ax.xaxis.set_major_formatter(_compact_formatter())
+
+
+def _bars_from_zero(ax, values: list) -> None:
+    """A bar's length is its value: the axis starts at 0 (or below, for negative scores), with room for labels."""
+    from matplotlib.container import BarContainer
+
+    heights = [bar.get_height() for c in ax.containers if isinstance(c, BarContainer) for bar in c]
+    values = [v for v in [*values, *heights] if v is not None and v == v]
+    low = min([0.0, *values])
+    high = max([0.0, *values])
+    span = (high - low) or 1.0
+    ax.set_ylim(low - (0.08 * span if low < 0 else 0), high + 0.12 * span)
+
+
 def plot_metric_vs_params(runs: list[Run], path: Path, split: str = "test") -> Path:
     """One panel per (model, task): score vs updated parameters, one point per run."""
     keys = sorted({(r.model, r.task) for r in runs})
@@ -49,7 +102,7 @@ def plot_metric_vs_params(runs: list[Run], path: Path, split: str = "test") -> P
                 color=_COLORS.get(run.method, "gray"), alpha=0.75, s=36,
                 facecolors="none" if run.mode == "base" else None,
             )
-        ax.set_xscale("log")
+        _parameter_axis(ax, [r.results.get("updated_params") for r in subset])
         ax.set_title(f"{task} · {model}", fontsize=10)
         ax.set_xlabel("updated parameters (parameter-epochs)")
         ax.set_ylabel(f"{subset[0].metric if subset else 'score'} ({split})")
@@ -88,19 +141,19 @@ def plot_bars(rows: list[dict], path: Path) -> Path:
                 errors[0].append(med - row[f"{prefix}_min"] if med is not None else 0)
                 errors[1].append(row[f"{prefix}_max"] - med if med is not None else 0)
                 if med is not None:
-                    lows.append(row[f"{prefix}_min"])
+                    lows += [row[f"{prefix}_min"], row[f"{prefix}_max"]]
             xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(methods))]
-            ax.bar(xs, heights, width, yerr=errors, capsize=3, label=label,
-                   color="lightgray" if mode is None else None, edgecolor="black", linewidth=0.5)
+            bars = ax.bar(xs, heights, width, yerr=errors, capsize=3, label=label,
+                          color="lightgray" if mode is None else None, edgecolor="black", linewidth=0.5)
+            # the value inside its bar: above it, the whisker would run through the text
+            ax.bar_label(bars, labels=[f"{h:.3f}" if h == h else "" for h in heights], fontsize=8, label_type="center")
         ax.set_xticks(range(len(methods)), methods)
-        if lows:
-            low = min(lows)
-            ax.set_ylim(max(0.0, low - 0.1 * max(abs(low), 0.1)) if low >= 0 else low * 1.1, None)
+        _bars_from_zero(ax, lows)
         metric = subset[0]["metric"] if subset else "score"
         ax.set_title(f"{task} · {model}", fontsize=10)
-        ax.set_ylabel(f"{metric} ({subset[0]['split'] if subset else ''})")
+        ax.set_ylabel(f"{metric} ({subset[0]['split'] if subset else ''}), median and range")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -137,7 +190,7 @@ def plot_timelines(runs: list[Run], out_dir: Path) -> list[Path]:
     for model, task, method in sorted({(r.model, r.task, r.method) for r in runs}, key=lambda key: (key[0], key[1], method_rank(key[2]))):
         subset = sorted((r for r in runs if (r.model, r.task, r.method) == (model, task, method)),
                         key=lambda r: (r.mode, r.seed))
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 5.5), sharex=True)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         modes = sorted({r.mode for r in subset if r.mode != "base"})
         seeds = sorted({r.seed for r in subset})
@@ -160,9 +213,11 @@ def plot_timelines(runs: list[Run], out_dir: Path) -> list[Path]:
             if losses:
                 bottom.plot(*zip(*losses), style, color=color, marker=".", markersize=3, label=label)
         top.set_ylabel("trainable parameters")
+        top.yaxis.set_major_formatter(_compact_formatter())
+        top.set_ylim(bottom=0)
         top.set_title(f"{task} · {model} · {method}", fontsize=10)
         top.grid(alpha=0.3)
-        top.legend(fontsize=6, ncol=2)
+        top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         bottom.set_ylabel("training loss")
         bottom.set_xlabel("optimizer step")
         bottom.grid(alpha=0.3)
@@ -184,7 +239,8 @@ def plot_probe(summary: dict, path: str | Path) -> Path:
     med = [r["validation_median"] if r["validation_median"] is not None else float("nan") for r in rows]
     low = [m - r["validation_min"] if r["validation_min"] is not None else 0 for m, r in zip(med, rows)]
     high = [r["validation_max"] - m if r["validation_max"] is not None else 0 for m, r in zip(med, rows)]
-    ax.bar(xs, med, 0.6, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.7, label="embeddings + this block + head")
+    bars = ax.bar(xs, med, 0.6, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.7,
+                  label="embeddings + this block + head")
     for r in rows:
         ax.scatter([r["block"]] * len(r["validation"]), r["validation"], color="black", s=10, zorder=3)
     values = [v for r in rows for v in r["validation"]]
@@ -192,17 +248,17 @@ def plot_probe(summary: dict, path: str | Path) -> Path:
     if full and full["validation_median"] is not None:
         ax.axhline(full["validation_median"], color="tab:red", linestyle="--", label="all blocks (full fine-tuning)")
         values += full["validation"]
-    if values:
-        lo, hi = min(values), max(values)
-        pad = max(hi - lo, 0.01)
-        ax.set_ylim(lo - pad, hi + pad * 0.6)
+    _bars_from_zero(ax, values)
+    ax.bar_label(bars, labels=[f"{m:.3f}" if m == m else "" for m in med], fontsize=7, label_type="center")
     ax.set_xticks(xs)
     ax.set_xlabel("trained block (0 = bottom)")
     ax.set_ylabel(f"{summary['metric'] or 'score'} (validation)")
     budget = summary["budget"]
+    limit = budget["max_train_examples"]
+    examples = _count(limit, "training example") if limit else "all training examples"
     ax.set_title(
         f"{summary['task']} · {summary['model']} · {summary['method']}: "
-        f"{budget['max_train_examples'] or 'all'} train ex., {budget['epochs']:g} epochs",
+        f"{examples}, {_count(budget['epochs'], 'epoch')}",
         fontsize=9,
     )
     ax.grid(axis="y", alpha=0.3)

@@ -4,7 +4,8 @@ Every module that writes or reads a run folder (train, sweep, probe, report) tak
 here. A run folder (``OUTPUT_DIR``) holds::
 
     results.json      the run's results (written last, atomically: a folder with it is finished)
-    model/            what the method trained + progtuning_method.json + the tokenizer
+    README.md         the model card (base model, task, method, schedule, scores, the command)
+    model/            what the method trained + progtuning_method.json + progtuning_task.json + the tokenizer
     checkpoints/      checkpoint-N/ folders (``--resume`` continues from the newest)
     prefix_cache/     the frozen-prefix cache's memory-mapped states (``--cache-frozen``)
     config.yaml       a sweep or probe run: the resolved config that re-runs it
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 RESULTS_FILE = "results.json"
+MODEL_CARD_FILE = "README.md"
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 PREFIX_CACHE_DIR = "prefix_cache"

@@ -49,6 +49,8 @@ from progtuning.errors import ProgtuningError, warn
 from progtuning.core.schedule import Schedule, explicit, no_progtuning, progressive
 from progtuning.runs.results import (
     CHECKPOINTS_DIR,
+    MODEL_CARD_FILE,
+    MODEL_CARD_FILE,
     MODEL_DIR,
     PREFIX_CACHE_DIR,
     RESULTS_FILE,
@@ -91,6 +93,7 @@ def run(config: TrainConfig, checked=None) -> dict:
     started = time.perf_counter()
     output_dir = Path(config.output_dir).expanduser()
     checked = checked or preflight(config)
+    _check_integrations(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.progtuning or config.fsdp:
@@ -115,7 +118,7 @@ def run(config: TrainConfig, checked=None) -> dict:
         results["wall_time_s"] = round(time.perf_counter() - started, 2)
         results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if writer:  # several processes (torchrun): one writer
-            write_json_atomic(output_dir / RESULTS_FILE, results)
+            _publish(config, output_dir, results)
     except BaseException as error:
         if claimed is not None:
             release_if_unused(claimed)  # failed before its first checkpoint: no folder left behind
@@ -137,6 +140,32 @@ def _io_hint(error: OSError, output_dir: Path) -> str | None:
         return None
     fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
     return f"{fix}, then resume with --resume (the last good checkpoint is {last})"
+
+
+def _check_integrations(config: TrainConfig) -> None:
+    """The Trainer settings, logging integrations and hub push asked for: one-line errors before any loading."""
+    from progtuning.runs.reporting import check_report_to
+    from progtuning.runs.training_args import check_training_args
+
+    check_training_args(config.training_args)
+    check_report_to(config.report_to)
+    if config.push_to_hub:
+        from progtuning.runs.hub import check_can_push
+
+        check_can_push()
+
+
+def _publish(config: TrainConfig, output_dir: Path, results: dict) -> None:
+    """The model card, then results.json (last: a folder with it is finished), then the hub push if asked."""
+    from progtuning.runs.hub import default_repo_id, push_run
+    from progtuning.runs.model_card import write_model_card
+
+    repo_id = (config.hub_model_id or default_repo_id(output_dir)) if config.push_to_hub else None
+    if config.save_model:
+        write_model_card(results, output_dir / MODEL_CARD_FILE, repo_id)
+    write_json_atomic(output_dir / RESULTS_FILE, results)
+    if config.push_to_hub:
+        logger.info("progtuning: pushed to %s", push_run(output_dir, repo_id, private=config.hub_private))
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -243,6 +272,7 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
     from progtuning.core.blocks import find_blocks
     from progtuning.runs.checkpoints import ProgtuningTrainer
     from progtuning.runs.history import RunHistory
+    from progtuning.runs.training_args import build_training_arguments, early_stopping_callbacks
 
     config, task, model, tokenizer = prepared.config, prepared.task, prepared.model, prepared.tokenizer
     layout = find_blocks(model, blocks=config.blocks)
@@ -266,7 +296,8 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
         checkpointing = StageCheckpointing(callback)  # after the Progtuning callback: the stage is set
 
     evaluate_each_epoch = task.evaluates_each_epoch and "validation" in features.eval
-    args = _training_arguments(config, output_dir, evaluate_each_epoch, keep_all_columns=cache is not None)
+    args = build_training_arguments(config, output_dir, task, evaluate_each_epoch=evaluate_each_epoch,
+                                    keep_all_columns=cache is not None, checkpoints_dir=CHECKPOINTS_DIR)
     traffic = None
     if config.fsdp:  # after TrainingArguments: accelerate has set up the process group and this rank's device
         from progtuning.core.fsdp import TrafficLog, shard_by_block
@@ -278,13 +309,14 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=features.eval["validation"] if evaluate_each_epoch else None,
+        eval_dataset=features.eval["validation"] if args.eval_strategy != "no" else None,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=task.trainer_metrics(),
         # history last: it sees every save
         callbacks=[callback, telemetry, cache_callback, curve, *([checkpointing] if checkpointing else []),
-                   *([traffic] if traffic else []), history],
+                   *([traffic] if traffic else []),
+                   *early_stopping_callbacks(config), history],
         seal=_sealer(record),
         lr_scheduler_factory=_lr_scheduler_factory(config, callback),
     )
@@ -298,7 +330,7 @@ def _train(prepared: Prepared, output_dir: Path, resume_from: str | None = None,
         if split_outputs is not None:
             outputs[split] = split_outputs
     if config.save_model and (config.fsdp or trainer.is_world_process_zero()):  # FSDP: every rank gathers
-        _save(trainer, model, tokenizer, config, output_dir)
+        _save(trainer, model, tokenizer, config, task, output_dir)
     run = _Trained(trainer, train_output, train_time, schedule, layout, callback, history, cache_callback, curve,
                    traffic)
     return _results(prepared, run, metrics, outputs)
@@ -412,39 +444,6 @@ def _lr_scheduler_factory(config: TrainConfig, callback: ProgtuningCallback):
     return lambda optimizer, num_training_steps: per_stage_lr_scheduler(optimizer, callback, config.warmup_ratio)
 
 
-def _training_arguments(config: TrainConfig, output_dir: Path, evaluate_each_epoch: bool, keep_all_columns: bool):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(output_dir / CHECKPOINTS_DIR),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        data_seed=config.seed,
-        eval_strategy="epoch" if evaluate_each_epoch else "no",
-        save_strategy="epoch" if config.save_checkpoints else "no",
-        save_total_limit=2,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        remove_unused_columns=not keep_all_columns,  # the prefix cache looks examples up by their index column
-        # Several processes: the wrapper is built before stage 0 is applied, so DDP registers every parameter
-        # and skips the frozen ones each step (measured correct for shrinking and growing schedules; see
-        # docs/distributed.md). Explicit, because the Trainer turns it off under activation checkpointing.
-        ddp_find_unused_parameters=True,
-    )
-
-
 def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir: Path, schedule, layout,
          resume_from: str | None = None):
     """``trainer.train()``, resumed if asked, stopped cleanly on SIGTERM/Ctrl-C or a non-finite loss."""
@@ -499,9 +498,10 @@ def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, outpu
     )
 
 
-def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
-    """What the method trained, with progtuning_method.json, so load_method rebuilds it (any method)."""
-    from progtuning.methods.api import save_method
+def _save(trainer, model, tokenizer, config: TrainConfig, task: Task, output_dir: Path) -> None:
+    """What the method trained, with progtuning_method.json, so load_method rebuilds it (any method),
+    the tokenizer and the task's spec (runs/publish.py)."""
+    from progtuning.runs.publish import save_run_model
 
     # Written beside its place and renamed into it: a full disk never leaves half a model (or a resumed
     # run's older model replaced by half of a new one).
@@ -516,8 +516,7 @@ def _save(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> N
     for leftover in (staging, old):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
-        save_method(model, config.method_config(), staging, state_dict=state)
-        tokenizer.save_pretrained(str(staging))
+        save_run_model(model, tokenizer, config, task, staging, state_dict=state)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

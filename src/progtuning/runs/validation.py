@@ -111,6 +111,7 @@ def validate_values(config: Any) -> None:
     _check_string_list("lora_target_modules", config.lora_target_modules)
     _check_stage_blocks(config.stage_blocks)
     _check_schedule_kind(config)
+    _check_publishing(config)
     if config.resume and config.overwrite:
         raise ProgtuningError("--resume continues the run in output_dir and --overwrite replaces it: pass only one")
     from progtuning.tasks.squad import is_squad
@@ -118,6 +119,20 @@ def validate_values(config: Any) -> None:
     if is_squad(config.task) and config.doc_stride >= config.max_length:
         raise ProgtuningError(f"doc_stride ({config.doc_stride}) must be smaller than max_length "
                               f"({config.max_length}): windows would not advance")
+
+
+def _check_publishing(config: Any) -> None:
+    """Early stopping, --merge-lora, --push-to-hub and --dataset against the rest of the config."""
+    if config.early_stopping_patience is not None:
+        _at_least("early_stopping_patience", config.early_stopping_patience, 1)
+    if config.merge_lora and config.method != "lora":
+        raise ProgtuningError(f"merge_lora folds LoRA into the base weights: it needs method lora, not {config.method}")
+    if config.merge_lora and config.fsdp:
+        raise ProgtuningError("--merge-lora cannot fold LoRA into a model sharded by FSDP: drop --merge-lora or --fsdp")
+    if config.push_to_hub and not config.save_model:
+        raise ProgtuningError("--push-to-hub uploads the saved model: drop --no-save-model")
+    if config.dataset and (config.train_file or config.data_dir):
+        raise ProgtuningError("give the data once: --dataset (the hub) or --train-file / --data-dir (local files)")
 
 
 def _check_schedule_kind(config: Any) -> None:

@@ -17,6 +17,15 @@ only ever talks to this interface, in this order::
 
 Adding a kind (say, causal language modelling) is one module with one subclass, plus a source
 that returns it; nothing in the runner branches on the kind.
+
+A saved run is used on new data through the same interface (``progtuning predict`` / ``evaluate``,
+:mod:`progtuning.runs.predict`)::
+
+    examples = task.examples_from_table(table, label_column, source)   # the user's file, checked
+    features = task.features_for(examples, tokenizer, settings)       # one split: "test"
+    rows = task.predictions(trainer, features, "test")                # or task.evaluate(...)
+
+A kind that cannot do this yet says so in one line (the defaults below).
 """
 
 from __future__ import annotations
@@ -133,6 +142,36 @@ class Task(ABC):
         score needs post-processing (QA) return ``None``.
         """
         return self.evaluate(trainer, features, split), None
+
+    # -- new data: progtuning predict / evaluate -------------------------------------------------
+    def input_columns(self) -> tuple[str, ...]:
+        """The columns a file needs for this task to predict it (labels aside)."""
+        raise self._no_reuse()
+
+    def examples_from_table(self, table: Any, label_column: str | None, source: str) -> Dataset:
+        """A user's table (a pandas ``DataFrame``) as this task's raw rows, labels mapped as in training.
+
+        ``label_column``: the table's label column (``None``: unlabelled, for prediction). A missing
+        column, an empty cell or an unknown label is a one-line :class:`~progtuning.errors.ProgtuningError`
+        naming ``source``."""
+        raise self._no_reuse()
+
+    def features_for(self, examples: Dataset, tokenizer: Any, settings: Settings) -> Features:
+        """:class:`Features` whose one evaluation split, ``"test"``, holds ``examples``."""
+        from datasets import DatasetDict
+
+        # preprocess() always tokenizes a training split too: here it is empty
+        return self.preprocess(DatasetDict({"train": examples.select([]), "test": examples}), tokenizer, settings)
+
+    def predictions(self, trainer: Any, features: Features, split: str) -> list[dict[str, Any]]:
+        """One dict per example of ``features.examples[split]``: the prediction and its scores."""
+        raise self._no_reuse()
+
+    def _no_reuse(self) -> Exception:
+        from progtuning.errors import ProgtuningError
+
+        return ProgtuningError(f"{self.kind} tasks cannot predict or evaluate a new file yet: "
+                               "score them with progtuning train's test split")
 
     def summary(self, data: DatasetDict) -> dict[str, Any]:
         """The task as results.json records it."""

@@ -17,6 +17,7 @@ Rows have ``id, context, question, answers={"text": [...], "answer_start": [...]
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -295,3 +296,54 @@ class ExtractiveQATask(Task):
         examples, windows = features.examples[split], features.extra["windows"][split]
         answers = postprocess_predictions(examples, windows, start_logits, end_logits, version_2=self.version_2)
         return squad_metrics(answers, examples, version_2=self.version_2)
+
+    # -- new data ------------------------------------------------------------------------------
+    def input_columns(self) -> tuple[str, ...]:
+        return ("question", "context")
+
+    def examples_from_table(self, table, label_column: str | None, source: str):
+        """Rows with ``question``, ``context`` (and ``id``, else the row number); labelled rows also
+        ``answers`` as SQuAD has them (``{"text": [...], "answer_start": [...]}``; JSONL, or JSON text in a cell)."""
+        from datasets import Dataset
+
+        wanted = [*self.input_columns(), *([label_column] if label_column else [])]
+        missing = [c for c in wanted if c not in table.columns]
+        if missing:
+            raise ProgtuningError(
+                f"{source} has no column(s) {', '.join(missing)} (it has: {', '.join(map(str, table.columns))}): "
+                f"this run reads {', '.join(wanted)}"
+            )
+        rows = {
+            "id": [str(v) for v in table["id"].tolist()] if "id" in table.columns else [str(i) for i in range(len(table))],
+            "question": [str(v) for v in table["question"].tolist()],
+            "context": [str(v) for v in table["context"].tolist()],
+        }
+        if label_column:
+            rows["answers"] = [_answers(value, number, source) for number, value in enumerate(table[label_column], 1)]
+        return Dataset.from_dict(rows)
+
+    def predictions(self, trainer, features: Features, split: str) -> list[dict]:
+        output = trainer.predict(features.eval[split])
+        start_logits, end_logits = output.predictions[:2]
+        examples, windows = features.examples[split], features.extra["windows"][split]
+        answers = postprocess_predictions(examples, windows, start_logits, end_logits, version_2=self.version_2)
+        return [{"answer": answers[example_id]} for example_id in examples["id"]]
+
+
+def _answers(value: Any, row: int, source: str) -> dict:
+    """A cell as SQuAD's ``answers`` mapping, or a one-line error."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if (
+        not isinstance(value, Mapping)
+        or not isinstance(value.get("text"), list)
+        or not isinstance(value.get("answer_start"), list)
+        or len(value["text"]) != len(value["answer_start"])
+    ):
+        raise ProgtuningError(
+            f"{source} row {row}: answers must look like {{\"text\": [...], \"answer_start\": [...]}} as in SQuAD"
+        )
+    return {"text": [str(t) for t in value["text"]], "answer_start": [int(a) for a in value["answer_start"]]}

@@ -2,6 +2,7 @@
 
 Sources, asked in this order:
 
+* ``dataset`` set → a hub dataset by name, through ``datasets.load_dataset`` (:mod:`progtuning.tasks.hub_datasets`);
 * ``causal-lm`` / ``instruct`` → the user's plain-text or instruction files (:mod:`progtuning.tasks.lmfiles`);
 * a built-in language-model task (``sms-spam-instruct``, ``movie-dialog``, ...) → :mod:`progtuning.tasks.builtin_lm`;
 * ``files`` (or any config with ``train_file``) → the user's CSV/TSV/JSONL (:mod:`progtuning.tasks.textfiles`);
@@ -38,7 +39,20 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
     sampled = False  # built-in tasks subsample stratified, inside their source
     lm_settings = dict(packing=config.packing, max_new_tokens=config.max_new_tokens,
                        generate_examples=config.generate_examples)
-    if name in lmfiles.LM_FILE_TASKS:
+    if getattr(config, "dataset", None):
+        from progtuning.tasks.hub_datasets import load_hub_dataset
+
+        task, data = load_hub_dataset(
+            config.dataset,
+            config.dataset_config,
+            text_column=config.text_column,
+            text_pair_column=config.text_pair_column,
+            label_column=config.label_column,
+            task_type=config.task_type,
+            label_names=config.label_names,
+            num_labels=config.num_labels,
+        )
+    elif name in lmfiles.LM_FILE_TASKS:
         if not config.train_file:
             raise ProgtuningError(f"task {name!r} needs --train-file PATH ({'.txt or .jsonl' if name == 'causal-lm' else '.jsonl'})")
         task, data = lmfiles.load_lm_files(
@@ -78,12 +92,36 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
         raise ProgtuningError(
             f"unknown task {name!r}: use a built-in task ({', '.join(builtin.BUILTIN_TASKS + builtin_lm.BUILTIN_LM_TASKS)}), "
             f"a GLUE task ({', '.join(glue.GLUE_TASKS)}), squad, squad_v2, 'files' with --train-file, "
-            "or causal-lm / instruct with --train-file"
+            "causal-lm / instruct with --train-file, or a hub dataset with --dataset NAME"
         )
     if not sampled:
         data = subsample_splits(data, config.max_train_examples, config.max_eval_examples, config.seed)
     task.check(data)
     return task, data
+
+
+def task_source(config: Any) -> str:
+    """Which source :func:`load_task` reads ``config``'s task from: ``hub``, ``lm_files``, ``builtin_lm``,
+    ``files``, ``builtin``, ``glue`` or ``squad`` (the same order as there). Saved with a run, it lets
+    :func:`progtuning.tasks.spec.task_from_spec` rebuild the task without its data."""
+    from progtuning.tasks import builtin, builtin_lm, glue, lmfiles, squad
+
+    if getattr(config, "dataset", None):
+        return "hub"
+    # language-model tasks: the saved spec names them; predict/evaluate do not rebuild them yet
+    if config.task in lmfiles.LM_FILE_TASKS:
+        return "lm_files"
+    if config.task in builtin_lm.BUILTIN_LM_TASKS:
+        return "builtin_lm"
+    if config.task == "files" or config.train_file:
+        return "files"
+    if config.task in builtin.BUILTIN_TASKS:
+        return "builtin"
+    if glue.is_glue_task(config.task):
+        return "glue"
+    if squad.is_squad(config.task):
+        return "squad"
+    raise ProgtuningError(f"unknown task {config.task!r}")
 
 
 def subsample_splits(data: DatasetDict, max_train: int | None, max_eval: int | None, seed: int) -> DatasetDict:

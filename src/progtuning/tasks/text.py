@@ -66,7 +66,8 @@ class TextTask(Task):
         def encode(batch):
             texts = [batch[column] for column in self.text_columns]
             encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-            encoded["labels"] = batch[self.label_column]
+            if self.label_column in batch:  # rows to predict have none
+                encoded["labels"] = batch[self.label_column]
             return encoded
 
         def tokenized(dataset):
@@ -103,6 +104,50 @@ class TextTask(Task):
         prediction = trainer.predict(features.eval[split], metric_key_prefix=split)
         scores = {key.removeprefix(split + "_"): value for key, value in prediction.metrics.items()}
         return scores, per_example_outputs(prediction)
+
+    # -- new data ------------------------------------------------------------------------------
+    def input_columns(self) -> tuple[str, ...]:
+        return self.text_columns
+
+    def examples_from_table(self, table, label_column: str | None, source: str):
+        from datasets import Dataset
+
+        wanted = [*self.text_columns, *([label_column] if label_column else [])]
+        missing = [c for c in wanted if c not in table.columns]
+        if missing:
+            raise ProgtuningError(
+                f"{source} has no column(s) {', '.join(missing)} (it has: {', '.join(map(str, table.columns))}): "
+                f"this run reads {', '.join(wanted)}"
+            )
+        rows = {}
+        for column in wanted:
+            empty = table[column].isna().to_numpy()
+            if empty.any():
+                raise ProgtuningError(f"{source} row {int(np.argmax(empty)) + 1} has an empty '{column}': fill it in "
+                                      "or drop the row")
+        for column in self.text_columns:
+            rows[column] = [str(v) for v in table[column].tolist()]
+        if label_column:
+            rows[self.label_column] = self.label_values(table[label_column].tolist(), source)
+        dataset = Dataset.from_dict(rows)
+        if label_column and self.is_regression:  # float64 targets break MSELoss against fp32 outputs
+            from datasets import Value
+
+            dataset = dataset.cast_column(self.label_column, Value("float32"))
+        return dataset
+
+    def label_values(self, values: list, source: str) -> list:
+        """A file's labels as the head's targets (class ids, or scores)."""
+        raise NotImplementedError
+
+    def predictions(self, trainer, features: Features, split: str) -> list[dict]:
+        output = trainer.predict(features.eval[split])
+        predictions = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        return self.prediction_rows(np.asarray(predictions))
+
+    def prediction_rows(self, outputs: np.ndarray) -> list[dict]:
+        """The head's outputs for a batch of examples as one dict each (label, probabilities; score)."""
+        raise NotImplementedError
 
 
 def per_example_outputs(prediction) -> dict:
