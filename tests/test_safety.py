@@ -167,4 +167,6 @@ def test_a_run_writes_only_inside_its_output_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.listdir(cwd) == ["run"]
     assert list(home.rglob("*")) == [] and list(tmp.rglob("*")) == []
-    assert sorted(os.listdir(cwd / "run")) == ["checkpoints", "model", "progtuning-files.json", "results.json"]
+    # README.md: the model card
+    assert sorted(os.listdir(cwd / "run")) == ["README.md", "checkpoints", "model", "progtuning-files.json",
+                                               "results.json"]
