@@ -1,6 +1,6 @@
 """What each stage of Progtuning costs a decoder language model, in time and peak memory, against its baseline.
 
-Run it (what docs/decoders.md reports; CPU, one thread)::
+Run it (CPU, one thread)::
 
     python -m progtuning.runs.lm_bench --model smollm2-135m --task sms-spam-instruct --batch 8 \\
         --stages 3 --rounds 3 --threads 1 --json docs/results/decoders/bench.json
