@@ -30,14 +30,15 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
     """The task and its (subsampled, checked) splits for a :class:`~progtuning.runs.config.TrainConfig`.
 
     Reads ``task``, ``data_dir``, the ``*_file`` / ``*_column`` / ``label_names`` / ``num_labels``
-    / ``task_type`` keys of task ``files``, ``max_train_examples``, ``max_eval_examples`` and ``seed``.
+    / ``task_type`` keys of task ``files``, ``max_train_examples``, ``max_eval_examples`` and ``seed``;
+    language-model tasks also ``packing``, ``max_new_tokens`` and ``generate_examples``.
     """
     from progtuning.tasks import builtin, builtin_lm, glue, lmfiles, squad, textfiles
 
     name = config.task
     sampled = False  # built-in tasks subsample stratified, inside their source
-    lm_settings = dict(packing=config.packing, max_new_tokens=config.max_new_tokens,
-                       generate_examples=config.generate_examples)
+    lm_settings = dict(packing=getattr(config, "packing", None), max_new_tokens=getattr(config, "max_new_tokens", 32),
+                       generate_examples=getattr(config, "generate_examples", 100))
     if name in lmfiles.LM_FILE_TASKS:
         if not config.train_file:
             raise ProgtuningError(f"task {name!r} needs --train-file PATH ({'.txt or .jsonl' if name == 'causal-lm' else '.jsonl'})")
