@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from progtuning.runs.goal import MAX_TIME_RATIO, MIN_DELTA_POINTS, MIN_REDUCTION, GoalResult
+from progtuning.runs.report_markdown import _params
 
 
 def render_comparisons(rows: list[dict], split: str) -> list[str]:
@@ -113,11 +114,3 @@ def _g(value) -> str:
     return "—" if value is None else f"{value:g}"
 
 
-def _params(value) -> str:
-    if value is None:
-        return "—"
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:.0f}"
