@@ -10,7 +10,8 @@ one-hot outputs, so every number is arithmetic:
   of the medians would be 60/110); reaches 0.80 on validation after 40 s → 40/90.
 * ``base-frozen-emb`` (a cheap baseline, vs base): the baseline's outputs → Δ 0; 750 parameters.
 * ``prog-emb-never`` (vs base-frozen-emb): wrong on 12 more examples → Δ −0.20 in every seed;
-  600 parameters → reduction 1 − 600/750 = 20% against *its* baseline; never reaches 0.80.
+  600 parameters → reduction 1 − 600/750 = 20% against *its* baseline; never reaches 0.80. Its second
+  row, against the plain baseline: the same Δ (base-frozen-emb has base's outputs), reduction 1/3.
 """
 
 from __future__ import annotations
@@ -70,8 +71,14 @@ def study(tmp_path):
 
 
 def test_each_arm_against_its_own_baseline(study):
-    rows = {r["arm"]: r for r in compare_runs(load_runs([study]), resamples=300)}
+    all_rows = compare_runs(load_runs([study]), resamples=300)
+    rows = {r["arm"]: r for r in all_rows if r["primary"]}
     assert set(rows) == {"prog", "base-frozen-emb", "prog-emb-never"}
+    # an arm with a cheap baseline is also shown against the plain one, and only that arm
+    secondary = [r for r in all_rows if not r["primary"]]
+    assert [(r["arm"], r["baseline"]) for r in secondary] == [("prog-emb-never", "base")]
+    assert secondary[0]["reduction"] == pytest.approx(1 - 600 / 900)
+    assert secondary[0]["delta"] == pytest.approx(-0.2, abs=1e-12)
 
     prog = rows["prog"]
     assert (prog["baseline"], prog["seeds"], prog["examples"]) == ("base", 3, N)
@@ -113,8 +120,8 @@ def test_time_to_reach():
     assert time_to_reach_ratio(base, []) is None and time_to_reach_ratio(None, base) is None
 
 
-def _row(task, arm, delta_points, reduction, time_ratio, arm_is_baseline=False):
-    return {"model": "m", "method": "full", "task": task, "arm": arm, "baseline": "base",
+def _row(task, arm, delta_points, reduction, time_ratio, arm_is_baseline=False, primary=True):
+    return {"model": "m", "method": "full", "task": task, "arm": arm, "baseline": "base", "primary": primary,
             "arm_is_baseline": arm_is_baseline, "delta": delta_points / 100, "points_per_unit": 100.0,
             "reduction": reduction, "time_ratio": time_ratio}
 
@@ -124,6 +131,8 @@ def test_goal_check_needs_all_three_on_four_of_five_tasks():
     rows = [_row(t, "prog-good", -0.4, 0.25, 0.65) for t in tasks[:4]] + [_row("e", "prog-good", -2.0, 0.25, 0.65)]
     rows += [_row(t, "prog-slow", 0.0, 0.3, 0.75 if t in "ab" else 0.6) for t in tasks]
     rows += [_row(t, "base-frozen", 0.0, 0.5, 0.5, arm_is_baseline=True) for t in tasks]
+    # a row against a baseline other than the arm's own does not count (here it would make "e" pass)
+    rows += [_row("e", "prog-good", 0.0, 0.5, 0.5, primary=False)]
     results = {r.arm: r for r in goal_check(rows)}
     assert set(results) == {"prog-good", "prog-slow"}  # a baseline arm is no preset
     assert results["prog-good"].met and results["prog-good"].passing == ["a", "b", "c", "d"]
@@ -146,12 +155,13 @@ def test_the_report_writes_the_study_tables_and_prints_the_goal_check(study, tmp
     assert "The goal:" in printed and "tiny full prog (vs base): 1 of 1 tasks -> not met" in printed  # one task: too few
     assert "No preset reaches the goal" in printed
     with open(out / "comparisons.csv") as f:
-        rows = {r["arm"]: r for r in csv.DictReader(f)}
+        rows = {r["arm"]: r for r in csv.DictReader(f) if r["primary"] == "True"}
     assert rows["prog-emb-never"]["baseline"] == "base-frozen-emb" and rows["prog-emb-never"]["verdict"] == "worse"
     markdown = (out / "results.md").read_text()
     assert "### Each arm against its own baseline" in markdown and "### Goal check" in markdown
     assert "| tiny | trec6 | full | prog | base | accuracy | 0.7500 | 1.0000 | +25.00 |" in markdown
     assert "not reached (0/3)" in markdown and "base-frozen-emb †" in markdown
+    assert "| tiny | trec6 | full | prog-emb-never | *base* | accuracy |" in markdown
     assert (out / "goal.csv").is_file()
     written = build_report([study], tmp_path / "again", plots=False, bootstrap=0)
     assert all(r["delta_low"] is None for r in written["comparisons"])  # --bootstrap 0: no intervals

@@ -11,6 +11,13 @@ arm :func:`compare_runs` gives:
   and the verdict that interval allows (better / worse / no difference). Runs without per-example
   outputs (older results, QA) get Δ from their stored scores and no interval. Δ is also given in
   *points* (× 100, or as is for metrics already in percent: SQuAD);
+An arm compared with a cheap baseline (e.g. the schedule with the embeddings frozen, against
+frozen embeddings alone) gets a second row against the plain baseline ``base`` too, marked
+``primary: False``: the first answers "does the schedule earn its keep?", the second "what does a
+user gain over plain fine-tuning?". Only primary rows count for the goal.
+
+Each row holds:
+
 * the **reduction** in updated parameters (parameter-epochs) against *that* baseline's runs:
   1 − arm / baseline (an arm given more epochs can update more than its baseline: a negative
   reduction);
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
     from progtuning.runs.report import Run
 
 COMPARISON_COLUMNS = (
-    "model", "task", "method", "arm", "baseline", "arm_is_baseline", "metric", "split", "seeds", "examples",
+    "model", "task", "method", "arm", "baseline", "primary", "arm_is_baseline", "metric", "split", "seeds", "examples",
     "base_score", "arm_score", "delta", "delta_low", "delta_high", "verdict", "points_per_unit",
     "base_updated_params", "arm_updated_params", "reduction", "base_train_time_s", "arm_train_time_s",
     "time_ratio", "base_peak_rss_mb", "arm_peak_rss_mb", "time_to_reach_ratio", "reached", "base_epochs",
@@ -59,8 +66,12 @@ def compare_runs(runs: Iterable[Run], split: str = "test", resamples: int = 1000
         for arm in sorted(m for m in sides if m != "base"):
             arm_runs = sides[arm]
             baseline = arm_runs[0].compared_with or "base"
-            base_runs = sides.get(baseline, [])
-            rows.append(_compare(model, task, method, arm, baseline, base_runs, arm_runs, split, resamples, seed, resamplers))
+            baselines = [baseline] + (["base"] if baseline != "base" and "base" in sides else [])
+            for other in baselines:
+                row = _compare(model, task, method, arm, other, sides.get(other, []), arm_runs, split, resamples, seed,
+                               resamplers)
+                row["primary"] = other == baseline
+                rows.append(row)
     return rows
 
 

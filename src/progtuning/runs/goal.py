@@ -9,7 +9,8 @@ at least 4), against the baseline it is compared with:
 * it trains in at most 0.7× the baseline's time (median of the paired ratios).
 
 :func:`goal_check` reads the rows of :func:`progtuning.runs.comparisons.compare_runs`; baseline
-arms (``base-<variant>``) are no presets and are left out.
+arms (``base-<variant>``) are no presets and are left out, and so are the rows that compare an arm
+with a baseline other than its own (``primary: False``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def goal_check(rows: list[dict]) -> list[GoalResult]:
     """One :class:`GoalResult` per (model, method, preset), in the rows' order."""
     results: dict[tuple[str, str, str], GoalResult] = {}
     for row in rows:
-        if row.get("arm_is_baseline"):
+        if row.get("arm_is_baseline") or not row.get("primary", True):
             continue
         key = (row["model"], row["method"], row["arm"])
         result = results.setdefault(key, GoalResult(row["model"], row["method"], row["arm"], row["baseline"]))

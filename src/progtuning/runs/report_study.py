@@ -28,7 +28,8 @@ def render_comparisons(rows: list[dict], split: str) -> list[str]:
         "the paired ratios of `train_time_s`. Time to reach: the arm's training time until its validation score "
         "first reached the baseline's final one, over the baseline's training time (median over seeds; a seed that "
         "never reached it counts as infinitely slow). Peak memory: median peak RSS. Arms marked † are cheap "
-        "baselines shown against the plain one.",
+        "baselines shown against the plain one; a baseline in *italics* is not the arm's own (an arm compared with "
+        "a cheap baseline is shown against the plain one too, for what it gains over plain fine-tuning).",
         "",
         "| model | task | method | arm | vs | metric | baseline | arm score | Δ (pt) | 95% interval | verdict "
         "| updated params (base → arm) | reduction | train-time ratio | time to reach | peak MiB (base / arm) "
@@ -42,7 +43,7 @@ def render_comparisons(rows: list[dict], split: str) -> list[str]:
             interval = f"[{row['delta_low'] * scale:+.2f}, {row['delta_high'] * scale:+.2f}]"
         lines.append("| " + " | ".join([
             row["model"], row["task"], row["method"], row["arm"] + (" †" if row.get("arm_is_baseline") else ""),
-            row["baseline"], row["metric"], _num(row.get("base_score"), 4), _num(row.get("arm_score"), 4),
+            row["baseline"] if row.get("primary", True) else f"*{row['baseline']}*", row["metric"], _num(row.get("base_score"), 4), _num(row.get("arm_score"), 4),
             _signed(row.get("delta"), scale), interval, row.get("verdict") or "—",
             f"{_params(row.get('base_updated_params'))} → {_params(row.get('arm_updated_params'))}",
             _pct(row.get("reduction")), _num(row.get("time_ratio"), 2), _reach(row),
