@@ -92,7 +92,7 @@ def _block_names(model, blocks) -> list[str]:
 
 # -- stage switches ------------------------------------------------------------------------------------------
 def test_stages_switch_at_planned_steps_and_logs_carry_the_stage(tmp_path):
-    callback = ProgtuningCallback(num_stages=2)
+    callback = ProgtuningCallback(num_stages=2, embeddings="always")
     snapshot = Snapshot(step=4)
     trainer = _train(tmp_path, [callback, snapshot])
     model = trainer.model
@@ -132,7 +132,7 @@ def test_stages_switch_at_planned_steps_and_logs_carry_the_stage(tmp_path):
 
 
 def test_switch_counts_optimizer_updates_with_gradient_accumulation(tmp_path):
-    callback = ProgtuningCallback(num_stages=2)
+    callback = ProgtuningCallback(num_stages=2, embeddings="always")
     snapshot = Snapshot(step=4)
     # 16 rows, batch 2: 8 micro-batches per epoch, 4 optimizer updates per epoch
     trainer = _train(tmp_path, [callback, snapshot], per_device_train_batch_size=2, gradient_accumulation_steps=2)
@@ -147,7 +147,7 @@ def test_switch_counts_optimizer_updates_with_gradient_accumulation(tmp_path):
 
 
 def test_switch_with_uneven_last_accumulation_step(tmp_path):
-    callback = ProgtuningCallback(num_stages=2)
+    callback = ProgtuningCallback(num_stages=2, embeddings="always")
     # 20 rows, batch 4: 5 micro-batches per epoch, accumulation 2 -> 3 updates per epoch (the last of 1 batch)
     trainer = _train(tmp_path, [callback], dataset=tiny_dataset(20), gradient_accumulation_steps=2)
     assert trainer.state.global_step == 6
@@ -156,27 +156,27 @@ def test_switch_with_uneven_last_accumulation_step(tmp_path):
 
 
 def test_fraction_stages_in_a_one_epoch_run(tmp_path):
-    callback = ProgtuningCallback(num_stages=2, unit="fraction")
+    callback = ProgtuningCallback(num_stages=2, unit="fraction", embeddings="always")
     _train(tmp_path, [callback], num_train_epochs=1)
     assert [(r["stage"], r["start_step"], r["end_step"]) for r in callback.stage_records()] == [(0, 0, 2), (1, 2, 4)]
 
 
 def test_default_stages_follow_the_epochs(tmp_path):
-    callback = ProgtuningCallback()
+    callback = ProgtuningCallback(embeddings="always")
     _train(tmp_path, [callback], num_train_epochs=4, dataset=tiny_dataset(8))
     assert callback.schedule == progressive(4, 4)
     assert [(r["start_step"], r["end_step"]) for r in callback.stage_records()] == [(0, 2), (2, 4), (4, 6), (6, 8)]
 
 
 def test_default_stages_follow_the_epochs_of_a_max_steps_run(tmp_path):
-    callback = ProgtuningCallback()
+    callback = ProgtuningCallback(embeddings="always")
     # 8 rows, batch 4: 2 updates per epoch; max_steps=8 is a 4-epoch run (num_train_epochs keeps its default 3)
     _train(tmp_path, [callback], dataset=tiny_dataset(8), num_train_epochs=3, max_steps=8)
     assert callback.schedule == progressive(4, 4)
 
 
 def test_second_train_call_starts_again_from_stage_zero(tmp_path):
-    callback = ProgtuningCallback(num_stages=2)
+    callback = ProgtuningCallback(num_stages=2, embeddings="always")
     model = tiny_model("bert", num_layers=4)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=tiny_dataset(16), callbacks=[callback])
     trainer.train()
@@ -189,7 +189,7 @@ def test_second_train_call_starts_again_from_stage_zero(tmp_path):
 
 # -- checkpoints and resume ------------------------------------------------------------------------------------
 def _checkpointed_run(tmp_path):
-    callback = ProgtuningCallback(num_stages=2)
+    callback = ProgtuningCallback(num_stages=2, embeddings="always")
     trainer = _train(tmp_path, [callback], save_strategy="steps", save_steps=2)
     return trainer, callback
 
@@ -211,7 +211,7 @@ def test_resume_in_stage_one_matches_uninterrupted_run(tmp_path):
     expected = _params(full.model)
     assert os.path.isdir(tmp_path / "checkpoint-6")
 
-    callback = ProgtuningCallback(num_stages=2)
+    callback = ProgtuningCallback(num_stages=2, embeddings="always")
     # a differently initialised model: every weight must come from the checkpoint
     resumed = _train(tmp_path, [callback], save_strategy="no", resume=str(tmp_path / "checkpoint-6"), seed=1)
     assert resumed.state.global_step == 8
@@ -228,7 +228,7 @@ def test_resume_in_stage_one_matches_uninterrupted_run(tmp_path):
 
 def test_resume_in_stage_zero_then_switches(tmp_path):
     full, _ = _checkpointed_run(tmp_path)
-    callback = ProgtuningCallback(num_stages=2)
+    callback = ProgtuningCallback(num_stages=2, embeddings="always")
     resumed = _train(tmp_path, [callback], resume=str(tmp_path / "checkpoint-2"), seed=1)
     assert [(r["stage"], r["start_step"], r["end_step"]) for r in callback.stage_records()] == [(0, 2, 4), (1, 4, 8)]
     got, expected = _params(resumed.model), _params(full.model)
@@ -242,7 +242,7 @@ def test_resume_with_another_schedule_is_refused(tmp_path):
         _train(tmp_path, [callback], resume=str(tmp_path / "checkpoint-6"))
     assert "\n" not in str(info.value)
     with pytest.raises(ProgtuningError, match="made with another schedule"):
-        _train(tmp_path, [ProgtuningCallback(num_stages=4)], resume=str(tmp_path / "checkpoint-6"))
+        _train(tmp_path, [ProgtuningCallback(num_stages=4, embeddings="always")], resume=str(tmp_path / "checkpoint-6"))
 
 
 def test_resume_from_checkpoint_in_another_folder_with_another_schedule_is_refused(tmp_path):
@@ -284,7 +284,7 @@ def _plain_loop(dataset, epochs: int, batch_size: int) -> dict[str, torch.Tensor
 
 def test_parity_trainer_callback_vs_plain_loop(tmp_path):
     dataset = tiny_dataset(16)
-    trainer = _train(tmp_path, [ProgtuningCallback(num_stages=2)], dataset=dataset, trainer_cls=SequentialTrainer)
+    trainer = _train(tmp_path, [ProgtuningCallback(num_stages=2, embeddings="always")], dataset=dataset, trainer_cls=SequentialTrainer)
     expected = _plain_loop(dataset, epochs=2, batch_size=4)
     got = _params(trainer.model)
     assert got.keys() == expected.keys()

@@ -136,7 +136,8 @@ def test_an_unreachable_target_stops_the_cli_before_anything_is_written(setup, t
 
 
 def test_plan_prints_only_the_bounds(capsys):
-    assert main(["plan", "--model", "minilm-l6", "--schedule", "contribution", "--target-reduction", "0.2", "--json"]) == 0
+    assert main(["plan", "--model", "minilm-l6", "--schedule", "contribution", "--target-reduction", "0.2", "--json",
+                 "--preset", "paper"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["schedule"] == "contribution" and "cannot be planned in advance" in plan["note"]
     assert [r["frozen_blocks"] for r in plan["rungs"]] == [0, 1, 2, 3, 4, 5]
@@ -144,7 +145,8 @@ def test_plan_prints_only_the_bounds(capsys):
     assert (plan["reduction_low"], plan["reduction_high"]) == (0.0, 0.2)
     # all but the top block from 10% of the run: 5 blocks x 0.9 of the 22.7M the method trains
     assert plan["max_reduction"] == pytest.approx(5 * 1_774_464 * 0.9 / plan["method_trainable_params"])
-    assert main(["plan", "--model", "minilm-l6", "--schedule", "contribution", "--target-reduction", "0.5"]) == 2
+    assert main(["plan", "--model", "minilm-l6", "--schedule", "contribution", "--target-reduction", "0.5",
+                 "--preset", "paper"]) == 2
 
 
 def test_report_names_the_mode_and_draws_the_realised_stages():

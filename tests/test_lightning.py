@@ -64,7 +64,7 @@ def _expected():
 
 def test_each_epoch_trains_exactly_the_scheduled_blocks(tmp_path):
     torch.manual_seed(0)
-    spy, progtuning = ChangedBlocks(), ProgtuningFinetuning()
+    spy, progtuning = ChangedBlocks(), ProgtuningFinetuning(embeddings="always")
     _trainer(tmp_path, 3, progtuning, spy).fit(Classifier())
     assert spy.epochs == _expected()
     assert progtuning.schedule.num_stages == 3 and progtuning.freezer.stage_index == 2
@@ -75,13 +75,13 @@ def test_each_epoch_trains_exactly_the_scheduled_blocks(tmp_path):
 def test_a_resumed_run_trains_the_stage_of_its_epoch(tmp_path):
     torch.manual_seed(0)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _trainer(tmp_path, 2, ProgtuningFinetuning(num_stages=3), checkpoints).fit(Classifier())
+    _trainer(tmp_path, 2, ProgtuningFinetuning(num_stages=3, embeddings="always"), checkpoints).fit(Classifier())
     last = str(tmp_path / "ckpt" / "last.ckpt")
 
-    spy, progtuning = ChangedBlocks(), ProgtuningFinetuning(num_stages=3)
+    spy, progtuning = ChangedBlocks(), ProgtuningFinetuning(num_stages=3, embeddings="always")
     _trainer(tmp_path, 3, progtuning, spy).fit(Classifier(), ckpt_path=last)
     assert spy.epochs == {2: _expected()[2]}  # only epoch 3 ran, in stage 3
     assert progtuning.freezer.stage_index == 2
 
     with pytest.raises(ProgtuningError, match="was made with another schedule"):
-        _trainer(tmp_path, 3, ProgtuningFinetuning(num_stages=2)).fit(Classifier(), ckpt_path=last)
+        _trainer(tmp_path, 3, ProgtuningFinetuning(num_stages=2, embeddings="always")).fit(Classifier(), ckpt_path=last)

@@ -59,7 +59,7 @@ def _train(tmp_path, lr_schedule: str, warmup_ratio: float):
         learning_rate=1e-3, warmup_steps=warmup_ratio, save_strategy="no", report_to=[], use_cpu=True,
         logging_steps=1, disable_tqdm=True,
     )
-    callback, rates = ProgtuningCallback(), LearningRates()
+    callback, rates = ProgtuningCallback(embeddings="always"), LearningRates()
     factory = None
     if lr_schedule == "per_stage":
         factory = lambda optimizer, steps: per_stage_lr_scheduler(optimizer, callback, warmup_ratio)  # noqa: E731

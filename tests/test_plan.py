@@ -23,7 +23,7 @@ def bert_base_dir(tmp_path):
 
 
 def test_bert_base_three_stages(capsys, bert_base_dir):
-    plan = _plan(capsys, "--model", bert_base_dir, "--epochs", "3")
+    plan = _plan(capsys, "--model", bert_base_dir, "--epochs", "3", "--preset", "paper")
     assert plan["num_blocks"] == 12
     assert plan["total_params"] == 109_483_778
     assert [s["blocks"] for s in plan["stages"]] == [list(range(12)), list(range(4, 12)), list(range(8, 12))]
@@ -40,10 +40,18 @@ def test_bert_base_two_stages_blocks_only(capsys, bert_base_dir):
 
 
 def test_minilm_l6(capsys):
-    plan = _plan(capsys, "--model", "minilm-l6", "--epochs", "3")
+    plan = _plan(capsys, "--model", "minilm-l6", "--epochs", "3", "--preset", "paper")
     assert plan["num_blocks"] == 6 and plan["parts"] == [[0, 1], [2, 3], [4, 5]]
     assert round(plan["reduction"], 3) == 0.156
     assert plan["updated_params"] == 57_495_174
+    # the default preset keeps the embeddings frozen in every stage: 11,918,592 parameters
+    # (words 30522 x 384, positions 512 x 384, token types 2 x 384, LayerNorm 2 x 384)
+    embeddings = 30522 * 384 + 512 * 384 + 2 * 384 + 2 * 384
+    default = _plan(capsys, "--model", "minilm-l6", "--epochs", "3")
+    assert default["embeddings"] == "never"
+    assert default["stages"][0]["trainable_params"] == default["total_params"] - embeddings
+    assert default["updated_params"] == 57_495_174 - 3 * embeddings
+    assert round(default["reduction"], 3) == 0.681
 
 
 def test_lora_plan_counts_only_lora_and_the_classifier(capsys):
@@ -67,12 +75,12 @@ def test_lora_plan_with_the_whole_head_counts_the_pooler(capsys):
 
 @pytest.mark.parametrize("method, reduction", [("adapter", 0.332), ("bitfit", 0.314)])
 def test_peft_plans_on_minilm_l6(capsys, method, reduction):
-    plan = _plan(capsys, "--model", "minilm-l6", "--epochs", "3", "--method", method)
+    plan = _plan(capsys, "--model", "minilm-l6", "--epochs", "3", "--method", method, "--preset", "paper")
     assert round(plan["reduction"], 3) == reduction
 
 
 def test_table_output(capsys, bert_base_dir):
-    assert main(["plan", "--model", bert_base_dir, "--epochs", "3"]) == 0
+    assert main(["plan", "--model", bert_base_dir, "--epochs", "3", "--preset", "paper"]) == 0
     out = capsys.readouterr().out
     assert "25.9%" in out and "33.3%" in out and "243,396,870" in out
 

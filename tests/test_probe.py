@@ -44,7 +44,7 @@ def stub_runner(calls: list | None = None):
 
 
 def test_probe_specs_train_embeddings_plus_one_block(tmp_path):
-    config = TrainConfig(task="rotten-tomatoes", model="minilm-l6", epochs=2, stages=2, seed=7)
+    config = TrainConfig(task="rotten-tomatoes", model="minilm-l6", epochs=2, stages=2, seed=7, embeddings="always")
     specs = probe_specs(config, tmp_path, num_blocks=6, seeds=[0, 1])
     assert len(specs) == (6 + 1) * 2
     block3 = next(s for s in specs if s.name == "block3/seed1")

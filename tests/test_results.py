@@ -22,9 +22,11 @@ from progtuning.runs.sweep import expand_sweep
 def test_mode_of_a_config():
     base = run_mode(TrainConfig(progtuning=False, method="lora").to_dict())
     assert base == {"label": "base", "method": "lora", "progtuning": False, "schedule": "none",
-                    "embeddings": "always", "variant": None, "baseline": True, "compared_with": None}
-    prog = run_mode(TrainConfig().to_dict())
+                    "embeddings": "never", "variant": None, "baseline": True, "compared_with": None}
+    # labels name what differs from the paper's schedule, whatever the default preset of the day
+    prog = run_mode(TrainConfig(preset="paper").to_dict())
     assert (prog["label"], prog["baseline"], prog["compared_with"]) == ("prog", False, "base")
+    assert mode_label(TrainConfig().to_dict()) == "prog-emb-never"
     cheap = run_mode(TrainConfig(variant="frozen-emb", variant_baseline=True, stages=1, embeddings="never").to_dict())
     assert (cheap["label"], cheap["baseline"], cheap["compared_with"]) == ("base-frozen-emb", True, "base")
     arm = run_mode(TrainConfig(variant="emb-never", embeddings="never", compare_with="base-frozen-emb").to_dict())
@@ -36,7 +38,7 @@ def test_mode_of_a_config():
 
 def test_a_sweep_names_each_variant_in_its_runs_config():
     sweep = expand_sweep({
-        "output_dir": "runs/x", "base": {"epochs": 1},
+        "output_dir": "runs/x", "base": {"epochs": 1, "embeddings": "always"},
         "grid": {"progtuning": [False, True]}, "variants": {"emb-first": {"embeddings": "first_stage"}},
     })
     labels = {spec.name.split("/")[2]: mode_label(spec.config) for spec in sweep.runs}

@@ -159,7 +159,7 @@ def _args(out, **overrides):
 
 def test_a_checkpoint_appears_only_complete_and_old_ones_rotate_out(tmp_path, monkeypatch):
     trainer = ProgtuningTrainer(model=tiny_model("bert"), args=_args(tmp_path, save_total_limit=2),
-                                train_dataset=tiny_dataset(16), callbacks=[ProgtuningCallback(num_stages=2)])
+                                train_dataset=tiny_dataset(16), callbacks=[ProgtuningCallback(num_stages=2, embeddings="always")])
     original = ProgtuningTrainer._save_rng_state
 
     def fail_at_six(self, output_dir):
@@ -180,7 +180,7 @@ def test_a_checkpoint_appears_only_complete_and_old_ones_rotate_out(tmp_path, mo
 
     monkeypatch.setattr(ProgtuningTrainer, "_save_rng_state", original)
     trainer = ProgtuningTrainer(model=tiny_model("bert"), args=_args(tmp_path, save_total_limit=2),
-                                train_dataset=tiny_dataset(16), callbacks=[ProgtuningCallback(num_stages=2)])
+                                train_dataset=tiny_dataset(16), callbacks=[ProgtuningCallback(num_stages=2, embeddings="always")])
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-8"]
 

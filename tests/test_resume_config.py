@@ -52,7 +52,7 @@ def _one_error(capsys) -> str:
         (["--max-length", "12"], "max_length (16 -> 12)"),
         (["--gradient-accumulation-steps", "2"], "gradient_accumulation_steps (1 -> 2)"),
         (["--method", "lora"], "method (full -> lora)"),
-        (["--embeddings", "never"], "embeddings (always -> never)"),
+        (["--embeddings", "always"], "embeddings (never -> always)"),
         (["--no-progtuning"], "progtuning (true -> false)"),
         (["--warmup-ratio", "0.1"], "warmup_ratio (0.0 -> 0.1)"),
     ],

@@ -98,21 +98,21 @@ def _stages(callback) -> list[tuple[int, int, int]]:
 
 
 def test_callback_six_epochs_three_stages(tmp_path):
-    callback = ProgtuningCallback(num_stages=3)
+    callback = ProgtuningCallback(num_stages=3, embeddings="always")
     _train(tmp_path, callback, rows=8, epochs=6)  # 2 updates per epoch, 12 in all
     assert callback.schedule == progressive(4, 3, epochs=6)
     assert _stages(callback) == [(0, 0, 4), (1, 4, 8), (2, 8, 12)]
 
 
 def test_callback_two_epochs_three_stages(tmp_path):
-    callback = ProgtuningCallback(num_stages=3)
+    callback = ProgtuningCallback(num_stages=3, embeddings="always")
     _train(tmp_path, callback, rows=16, epochs=2)  # 4 updates per epoch, 8 in all
     assert callback.schedule.unit == "fraction"
     assert _stages(callback) == [(0, 0, 2), (1, 2, 5), (2, 5, 8)]
 
 
 def test_callback_refuses_a_run_with_fewer_steps_than_stages(tmp_path):
-    callback = ProgtuningCallback(num_stages=3)
+    callback = ProgtuningCallback(num_stages=3, embeddings="always")
     with pytest.raises(ProgtuningError, match="stage 0 of 3 would get no optimizer step") as info:
         _train(tmp_path, callback, rows=8, epochs=1)  # 2 updates
     assert "\n" not in str(info.value)
@@ -129,14 +129,16 @@ def test_callback_refuses_a_given_schedule_the_run_never_reaches(tmp_path):
 
 # -- progtuning train and progtuning plan -------------------------------------------------------------------
 def test_train_config_stages_share_the_epochs():
-    assert build_schedule(TrainConfig(epochs=6, stages=3), 6) == progressive(6, 3, epochs=6)
+    # the default preset keeps the embeddings frozen
+    assert build_schedule(TrainConfig(epochs=6, stages=3), 6) == progressive(6, 3, "never", epochs=6)
     assert [s.start for s in build_schedule(TrainConfig(epochs=6, stages=3), 6).stages] == [0, 2, 4]
     assert build_schedule(TrainConfig(epochs=2, stages=3), 6).unit == "fraction"
-    assert build_schedule(TrainConfig(epochs=3), 6) == progressive(6, 3)  # the paper's T = epochs
+    assert build_schedule(TrainConfig(epochs=3), 6) == progressive(6, 3, "never")  # the paper's T = epochs
+    assert build_schedule(TrainConfig(epochs=3, preset="paper"), 6) == progressive(6, 3)
     grow = build_schedule(TrainConfig(epochs=4, stage_blocks=[[5], [3, 4, 5]]), 6)
     assert [s.start for s in grow.stages] == [0, 2]
     # a max_steps run is counted in steps: one stage per epoch, checked against the run at train start
-    assert build_schedule(TrainConfig(epochs=6, stages=3, max_steps=10), 6) == progressive(6, 3)
+    assert build_schedule(TrainConfig(epochs=6, stages=3, max_steps=10), 6) == progressive(6, 3, "never")
 
 
 def test_plan_shares_the_epochs_between_the_stages(capsys, tmp_path):

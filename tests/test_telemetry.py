@@ -18,7 +18,7 @@ def _trainer(tmp_path, callbacks) -> Trainer:
 
 
 def test_each_stage_gets_its_time_and_memory(tmp_path):
-    progtuning = ProgtuningCallback(num_stages=2)
+    progtuning = ProgtuningCallback(num_stages=2, embeddings="always")
     telemetry = StageTelemetry(progtuning)
     _trainer(tmp_path, [progtuning, telemetry]).train()
     records = telemetry.stage_records()
@@ -32,7 +32,7 @@ def test_each_stage_gets_its_time_and_memory(tmp_path):
 
 
 def test_the_core_callback_measures_nothing(tmp_path):
-    progtuning = ProgtuningCallback(num_stages=2)
+    progtuning = ProgtuningCallback(num_stages=2, embeddings="always")
     _trainer(tmp_path, [progtuning]).train()
     assert set(progtuning.stage_records()[0]) == {"stage", "start_step", "end_step", "trainable_params",
                                                   "mean_train_loss"}

@@ -43,6 +43,7 @@ from progtuning.core.distributed import check_trainer_parallelism
 from progtuning.core.fsdp import ShardedFreezer, is_sharded
 from progtuning.errors import ProgtuningError
 from progtuning.core.freezing import ProgressiveFreezer, StageChange
+from progtuning.core.presets import get_preset
 from progtuning.core.schedule import EmbeddingPolicy, Schedule, Unit, progressive
 from progtuning.core.stage_log import is_training_log, log_switch, stage_log_values
 
@@ -79,6 +80,8 @@ class ProgtuningCallback(TrainerCallback):
     at train start: ``num_stages`` parts (default: the run's number of epochs) with equal shares of
     the run, the embedding policy and the stage unit. ``schedule="contribution"`` (with
     ``target_reduction``) or a :class:`ContributionPolicy` freezes by measured contribution instead.
+    ``preset`` names the settings the paper leaves open (:mod:`progtuning.core.presets`: the default,
+    or ``"paper"``); ``embeddings`` and ``eval_frozen_blocks`` given here win over it.
     ``tied_head`` places an input embedding tied to the output head
     (GPT-2, tied Llama/Qwen2, T5 LM heads): "head" trains it in every stage, "embeddings" makes it
     follow the embedding policy.
@@ -90,20 +93,22 @@ class ProgtuningCallback(TrainerCallback):
         *,
         target_reduction: float | None = None,
         num_stages: int | None = None,
-        embeddings: EmbeddingPolicy = "always",
+        preset: str | None = None,
+        embeddings: EmbeddingPolicy | None = None,
         unit: Unit = "epoch",
         blocks: str | list[str] | None = None,
-        eval_frozen_blocks: bool = True,
+        eval_frozen_blocks: bool | None = None,
         tied_head: TiedHead = "head",
         allow_empty_stages: bool = False,
     ) -> None:
         self.policy = _contribution_policy(schedule, target_reduction)
         self.schedule = None if self.policy is not None else schedule
         self.num_stages = num_stages
-        self.embeddings = embeddings
+        chosen = get_preset(preset)
+        self.embeddings = chosen.embeddings if embeddings is None else embeddings
         self.unit = unit
         self.blocks = blocks
-        self.eval_frozen_blocks = eval_frozen_blocks
+        self.eval_frozen_blocks = chosen.eval_frozen_blocks if eval_frozen_blocks is None else eval_frozen_blocks
         self.tied_head = tied_head
         # only for runs that time a few steps on purpose (progtuning bench): a stage never reached
         self.allow_empty_stages = allow_empty_stages

@@ -12,8 +12,8 @@ How it maps onto Lightning's finetuning hooks:
 
 * ``freeze_before_training`` (before ``configure_optimizers``) freezes *nothing*: Progtuning only
   ever freezes, so the optimizer must hold every parameter the fine-tuning method trains from the
-  start. It finds the blocks, builds the schedule (the paper's preset over ``max_epochs`` stages
-  unless one is given) and the freezer, which captures that trainable set.
+  start. It finds the blocks, builds the schedule (the paper's split over ``max_epochs`` stages,
+  with the preset's embedding policy, unless one is given) and the freezer, which captures that trainable set.
 * ``finetune_function`` (every epoch start) applies the stage of that epoch: parameters that stop
   training get ``requires_grad=False`` and ``.grad = None`` and lose their optimizer state; frozen
   blocks run in eval mode. With ``unit="fraction"`` the stage follows the optimizer step instead.
@@ -36,6 +36,7 @@ from torch import nn
 
 from progtuning.core.blocks import find_blocks
 from progtuning.core.freezing import ProgressiveFreezer, release_optimizer_state
+from progtuning.core.presets import get_preset
 from progtuning.core.schedule import EmbeddingPolicy, Schedule, Unit, progressive
 from progtuning.core.stage_log import log_switch
 from progtuning.errors import ProgtuningError
@@ -49,20 +50,22 @@ class ProgtuningFinetuning(BaseFinetuning):
         schedule: Schedule | None = None,
         *,
         num_stages: int | None = None,
-        embeddings: EmbeddingPolicy = "always",
+        preset: str | None = None,
+        embeddings: EmbeddingPolicy | None = None,
         unit: Unit = "epoch",
         blocks: str | list[str] | None = None,
         model_attr: str | None = None,
-        eval_frozen_blocks: bool = True,
+        eval_frozen_blocks: bool | None = None,
     ) -> None:
         super().__init__()
         self.schedule = schedule
         self.num_stages = num_stages
-        self.embeddings = embeddings
+        chosen = get_preset(preset)  # the settings the paper leaves open; explicit arguments win
+        self.embeddings = chosen.embeddings if embeddings is None else embeddings
         self.unit = unit
         self.blocks = blocks
         self.model_attr = model_attr
-        self.eval_frozen_blocks = eval_frozen_blocks
+        self.eval_frozen_blocks = chosen.eval_frozen_blocks if eval_frozen_blocks is None else eval_frozen_blocks
         self.freezer: ProgressiveFreezer | None = None
         self._max_epochs: int | None = None
         self._saved: dict | None = None  # the schedule a checkpoint was made with, until it is compared

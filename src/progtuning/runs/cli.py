@@ -26,6 +26,7 @@ import re
 import shlex
 import sys
 
+from progtuning.core.presets import DEFAULT_PRESET, PRESETS, get_preset
 from progtuning.errors import ProgtuningError
 from progtuning.methods.config import METHOD_HEADS
 from progtuning.methods.registry import METHODS
@@ -159,7 +160,8 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     plan.add_argument("--model", default="minilm-l6", help="alias, folder with config.json, or hub id")
     plan.add_argument("--epochs", type=int, default=3, help="epochs of the run (and stages T by default)")
     plan.add_argument("--stages", type=int, help="number of parts/stages T (default: epochs)")
-    plan.add_argument("--embeddings", default="always", help="always | first_stage | never")
+    plan.add_argument("--preset", choices=list(PRESETS), help=f"the settings the paper leaves open (default {DEFAULT_PRESET})")
+    plan.add_argument("--embeddings", help="always | first_stage | never (default: the preset's)")
     plan.add_argument("--unit", default="epoch", help="epoch | fraction")
     plan.add_argument("--method", default="full", choices=list(METHODS), help="fine-tuning method (its default settings)")
     plan.add_argument("--method-head", default="classifier", choices=list(METHOD_HEADS),
@@ -320,7 +322,7 @@ def _plan(args, rest: list[str]) -> int:
         args.model,
         epochs=args.epochs,
         stages=args.stages,
-        embeddings=args.embeddings,
+        embeddings=args.embeddings or get_preset(args.preset).embeddings,
         unit=args.unit,
         method=args.method,
         method_head=args.method_head,
@@ -393,7 +395,8 @@ def _probe(args, rest: list[str]) -> int:
         except ValueError:
             raise ProgtuningError(f"expected comma-separated integers, got {text!r}")
 
-    config = load_config(args.config, parse_overrides(rest))
+    # the paper's Figure 1 trains the embeddings with each block, whatever the default preset
+    config = load_config(args.config, parse_overrides(rest), defaults={"embeddings": "always"})
     parallel = ints(args.parallel)
     summary = run_probe(
         config, blocks=ints(args.blocks), out_dir=args.out, seeds=ints(args.seeds), full=not args.no_full,

@@ -25,10 +25,14 @@ from typing import Any, Optional
 import yaml
 
 from progtuning.core.lr_schedule import LR_SCHEDULES
+from progtuning.core.presets import DEFAULT_PRESET, PRESETS, get_preset
 from progtuning.core.schedule import EMBEDDING_POLICIES, UNITS
 from progtuning.errors import ProgtuningError
 from progtuning.methods.config import METHOD_HELP, MethodConfig, MethodSettings
 from progtuning.methods.registry import METHODS
+
+# Named in the help texts; TrainConfig fills each preset key left unset (None) from its preset.
+_DEFAULT = get_preset(DEFAULT_PRESET)
 
 # Keys that were renamed: old -> new (an old config gets a one-line hint instead of "unknown key").
 RENAMED_KEYS = {"peft_config": "peft_config_path"}
@@ -82,6 +86,10 @@ class TrainConfig(MethodSettings, _WhatToTrain):
 
     # -- Progtuning --
     progtuning: bool = _help("progressive freezing on (off = the baseline run with everything else equal)", True)
+    preset: Optional[str] = _help(
+        f"the settings the paper leaves open, as one choice: {' | '.join(PRESETS)} (default {DEFAULT_PRESET}); "
+        + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+        + ". Keys given explicitly win")
     schedule: str = _help("fixed (the paper: part t freezes at stage t) | contribution (decided from signals "
                           "measured during the run)", "fixed")
     target_reduction: Optional[float] = _help("contribution: fraction of updated parameters to save vs no freezing "
@@ -92,7 +100,8 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     decision_interval: float = _help("contribution: fraction of the run's optimizer steps between decisions", 0.1)
     signal_every: int = _help("contribution: measure the signals every N optimizer steps", 1)
     stages: Optional[int] = _help("number of parts/stages T (default: epochs)")
-    embeddings: str = _help("embeddings train: always | first_stage | never", "always")
+    embeddings: Optional[str] = _help(f"embeddings train: always | first_stage | never (default: the preset's, "
+                                      f"{_DEFAULT.embeddings} in {_DEFAULT.name})")
     stage_unit: str = _help("stage boundaries per epoch or per fraction of optimizer steps", "epoch")
     stage_blocks: Optional[list] = _help("explicit stages: a list of block-index lists (growing, top-down, custom)")
     variant: Optional[str] = _help("name of this schedule variant (a sweep sets it): results.json records the "
@@ -102,10 +111,14 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     compare_with: Optional[str] = _help("the baseline reports compare this run with: base (default) or "
                                         "base-<variant> (a sweep sets it)")
     blocks: Optional[str] = _help("dotted path of the block list for models the locator does not know")
-    eval_frozen_blocks: bool = _help("run frozen blocks in eval mode (their dropout off)", True)
+    eval_frozen_blocks: Optional[bool] = _help(f"run frozen blocks in eval mode, their dropout off (default: the "
+                                               f"preset's, {_DEFAULT.eval_frozen_blocks} in {_DEFAULT.name})")
     gradient_checkpointing: bool = _help("recompute activations in backward, in the stage's trainable blocks "
                                          "(non-reentrant checkpoints)", False)
-    cache_frozen: bool = _help("cache the frozen prefix's outputs across epochs (needs embeddings frozen)", False)
+    cache_frozen: Optional[bool] = _help("cache the frozen prefix's outputs across epochs (needs the embeddings frozen; "
+                                         "BERT-family encoders). Unset: the preset decides, and a preset that caches "
+                                         "does so only where the model, method and data allow it (null in the saved "
+                                         "config; results.json's prefix_cache says what ran)")
     cache_budget_mb: int = _help("RAM for the frozen-prefix cache; beyond it the cache is a memory-mapped file", 1024)
     # -- processes --
     fsdp: bool = _help("shard the model with FSDP2, one unit per block (several processes: torchrun or "
@@ -146,6 +159,14 @@ class TrainConfig(MethodSettings, _WhatToTrain):
     hub_model_id: Optional[str] = _help("hub repository for --push-to-hub (default: the output folder's name)")
     hub_private: bool = _help("--push-to-hub: create the repository private", False)
 
+    def __post_init__(self) -> None:
+        # the preset's settings under the keys given explicitly (a key left None is not given)
+        for key, value in get_preset(self.preset).settings().items():
+            if getattr(self, key) is None:
+                # a preset's cache stays None, "where it can": unlike an explicit --cache-frozen, it never
+                # refuses a model, a method or a process layout the cache does not support
+                setattr(self, key, None if key == "cache_frozen" and value else value)
+
     def validate(self) -> None:
         from progtuning.runs.validation import validate_values
 
@@ -172,9 +193,14 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (optional), apply overrides, coerce types and validate."""
-    values: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read a YAML config (optional), apply overrides, coerce types and validate.
+
+    ``defaults``: a command's own defaults, under the YAML and the overrides (the probe trains the
+    embeddings unless told otherwise)."""
+    values: dict[str, Any] = dict(defaults or {})
     if path is not None:
         values.update(read_yaml(path))
     for key, value in (overrides or {}).items():

@@ -7,7 +7,7 @@ For every block i the run trains the embeddings, block i and the head, every oth
 with the budget of the given train config (the paper: BERT-base on SST-2, where higher blocks
 scored better, which is why Progtuning trains the top blocks longest). It is the ordinary
 ``progtuning train`` machinery with an explicit one-stage schedule ``stage_blocks: [[i]]`` and
-``embeddings: always`` (unless the config says otherwise), so the freezing, the accounting and
+``embeddings: always`` (``progtuning probe``'s default, unless the config says otherwise), so the freezing, the accounting and
 the results.json are the same as everywhere else. As a reference line the same budget also trains
 every block without Progtuning (``full``; skip with ``--no-full``). A head-only reference is not
 offered: a schedule stage needs at least one block.

@@ -118,7 +118,7 @@ def check_fsdp_config(config) -> None:
             "--nproc_per_node N (N >= 2; --nnodes for several machines) or accelerate launch --multi_gpu "
             "--num_processes N"
         )
-    if config.cache_frozen:
+    if config.cache_frozen is True:  # asked for; a preset's "where it can" (None) just stays off
         raise ProgtuningError(
             "--cache-frozen does not work with --fsdp (the cache runs the frozen blocks outside FSDP's all-gathers): "
             "drop one of the two"

@@ -477,16 +477,22 @@ def _fit(trainer, callback: ProgtuningCallback, config: TrainConfig, output_dir:
 
 
 def _prefix_cache(config: TrainConfig, model, layout, train_set, collator, output_dir: Path):
-    """The frozen-prefix cache if asked for and valid here; otherwise None, with the reason logged."""
-    if not config.cache_frozen:
+    """The frozen-prefix cache if asked for (True) or left to the preset (None: where it can run) and
+    valid here; otherwise None, with the reason logged (a warning only where it was asked for)."""
+    if config.cache_frozen is False:
         return None
+    asked = config.cache_frozen is True
     reason = (
         ("the baseline freezes nothing" if not config.progtuning else None)
+        or ("the embeddings train in every stage" if not asked and config.embeddings == "always" else None)
         or unsupported_reason(model, layout)
         or input_reason(train_set, collator)
     )
     if reason:
-        logger.warning("--cache-frozen is off: %s", reason)
+        if asked:
+            logger.warning("--cache-frozen is off: %s", reason)
+        else:
+            logger.info("the frozen-prefix cache is off: %s", reason)
         return None
     return FrozenPrefixCache(
         model,

@@ -387,7 +387,7 @@ class CausalLMTask(Task):
             ) from None
 
     def check_model(self, model, settings: Any) -> None:
-        if getattr(settings, "cache_frozen", False):
+        if getattr(settings, "cache_frozen", False) is True:  # asked for; a preset's "where it can" (None) is not
             raise ProgtuningError(CACHE_REFUSAL)
         limit = max_positions(model)
         if limit is not None and settings.max_length > limit:
