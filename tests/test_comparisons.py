@@ -165,3 +165,19 @@ def test_the_report_writes_the_study_tables_and_prints_the_goal_check(study, tmp
     assert (out / "goal.csv").is_file()
     written = build_report([study], tmp_path / "again", plots=False, bootstrap=0)
     assert all(r["delta_low"] is None for r in written["comparisons"])  # --bootstrap 0: no intervals
+
+
+def test_two_arms_head_to_head(study, capsys):
+    rows = compare_runs(load_runs([study]), resamples=200, extra_pairs=[("prog-emb-never", "prog"), ("prog", "absent")])
+    head = [r for r in rows if r["baseline"] == "prog"]
+    assert len(head) == 1 and not head[0]["primary"] and head[0]["arm"] == "prog-emb-never"
+    # paired by seed: accuracies 0.60 / 0.55 / 0.50 against 1.0 everywhere
+    assert head[0]["delta"] == pytest.approx(-0.45, abs=1e-12) and head[0]["verdict"] == "worse"
+    assert head[0]["reduction"] == pytest.approx(0.0)  # both update 600
+    assert not any(r["baseline"] == "absent" for r in rows)  # a pair with an arm that never ran: no row
+    # the CLI: ARM:OTHER, repeatable; a malformed pair is one line
+    assert main(["report", str(study), "--out", str(study / "r"), "--no-plots", "--bootstrap", "0",
+                 "--compare", "prog-emb-never:prog"]) == 0
+    assert "| prog-emb-never | *prog* |" in (study / "r" / "results.md").read_text()
+    assert main(["report", str(study), "--compare", "prog-emb-never"]) == 2
+    assert "must be two different arms as ARM:OTHER" in capsys.readouterr().err

@@ -202,6 +202,9 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     report.add_argument("--no-plots", action="store_true", help="tables only")
     report.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples of the paired bootstrap over seeds x examples (0: no intervals)")
+    report.add_argument("--compare", action="append", default=[], metavar="ARM:OTHER",
+                        help="also compare two arms head to head, paired by seed (e.g. prog-contrib:prog-fast); "
+                             "repeatable")
     report.set_defaults(handler=_report)
 
     probe = commands.add_parser(
@@ -375,9 +378,13 @@ def _report(args, rest: list[str]) -> int:
 
     if args.bootstrap < 0:
         raise ProgtuningError(f"--bootstrap must be 0 (no intervals) or a number of resamples, got {args.bootstrap}")
+    pairs = [tuple(p.split(":")) for p in args.compare]
+    bad = [text for text, pair in zip(args.compare, pairs) if len(pair) != 2 or not all(pair) or pair[0] == pair[1]]
+    if bad:
+        raise ProgtuningError(f"--compare {bad[0]!r} must be two different arms as ARM:OTHER, e.g. prog-contrib:prog-fast")
     written = build_report(
         args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots,
-        bootstrap=args.bootstrap,
+        bootstrap=args.bootstrap, compare=pairs,
     )
     print(f"{written['runs']} runs, {len(written['rows'])} table rows, {written['probes']} probe(s) -> {written['markdown']}")
     if written["comparisons"]:

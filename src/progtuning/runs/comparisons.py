@@ -14,7 +14,9 @@ arm :func:`compare_runs` gives:
 An arm compared with a cheap baseline (e.g. the schedule with the embeddings frozen, against
 frozen embeddings alone) gets a second row against the plain baseline ``base`` too, marked
 ``primary: False``: the first answers "does the schedule earn its keep?", the second "what does a
-user gain over plain fine-tuning?". Only primary rows count for the goal.
+user gain over plain fine-tuning?". Pairs named in ``extra_pairs`` (``progtuning report --compare
+prog-contrib:prog-fast``) add head-to-head rows of two arms, e.g. two schedules at the same saving,
+on the same protocol. Only primary rows count for the goal.
 
 Each row holds:
 
@@ -55,8 +57,13 @@ COMPARISON_COLUMNS = (
 )
 
 
-def compare_runs(runs: Iterable[Run], split: str = "test", resamples: int = 1000, seed: int = 0) -> list[dict]:
-    """One row per (model, task, method, arm): see the module docstring. ``resamples=0``: no intervals."""
+def compare_runs(
+    runs: Iterable[Run], split: str = "test", resamples: int = 1000, seed: int = 0,
+    extra_pairs: Iterable[tuple[str, str]] = (),
+) -> list[dict]:
+    """One row per (model, task, method, arm): see the module docstring. ``resamples=0``: no intervals.
+    ``extra_pairs``: (arm, other arm) rows wherever both ran."""
+    extra_pairs = list(extra_pairs)
     groups: dict[tuple[str, str, str], dict[str, list[Run]]] = {}
     for run in runs:
         groups.setdefault((run.model, run.task, run.method), {}).setdefault(run.mode, []).append(run)
@@ -71,6 +78,12 @@ def compare_runs(runs: Iterable[Run], split: str = "test", resamples: int = 1000
                 row = _compare(model, task, method, arm, other, sides.get(other, []), arm_runs, split, resamples, seed,
                                resamplers)
                 row["primary"] = other == baseline
+                rows.append(row)
+        for arm, other in extra_pairs:
+            if arm in sides and other in sides:
+                row = _compare(model, task, method, arm, other, sides[other], sides[arm], split, resamples, seed,
+                               resamplers)
+                row["primary"] = False
                 rows.append(row)
     return rows
 

@@ -239,11 +239,13 @@ def build_report(
     title: str = "Progtuning sweep results",
     plots: bool = True,
     bootstrap: int = 1000,
+    compare: Iterable[tuple[str, str]] = (),
 ) -> dict:
     """Write ``results.md``, ``results.csv`` (one row per group), ``runs.csv`` (one per run),
     ``comparisons.csv`` (each arm against its baseline), ``goal.csv`` and PNGs.
 
-    ``bootstrap``: resamples of the paired bootstrap (0: Δ without intervals).
+    ``bootstrap``: resamples of the paired bootstrap (0: Δ without intervals). ``compare``: extra
+    head-to-head pairs (arm, other arm), e.g. ``("prog-contrib", "prog-fast")``.
 
     ``markdown``: write the Markdown there instead of ``out_dir/results.md``; if that file exists
     and holds the markers ``<!-- report:begin -->`` … ``<!-- report:end -->``, only the text
@@ -264,7 +266,7 @@ def build_report(
     from progtuning.runs.goal import goal_check
     from progtuning.runs.report_study import render_comparisons, render_goal
 
-    comparisons = compare_runs(runs, split, resamples=bootstrap)
+    comparisons = compare_runs(runs, split, resamples=bootstrap, extra_pairs=compare)
     goal = goal_check(comparisons)
     written: dict[str, Any] = {"rows": rows, "runs": len(runs), "probes": len(probes),
                                "comparisons": comparisons, "goal": goal}
