@@ -91,7 +91,7 @@ def run_trainer(batch: int):
         weight_decay=0.0, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
         seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, **extra,
     )
-    callback = ProgtuningCallback(policy())
+    callback = ProgtuningCallback(policy(), embeddings="always")  # as the plain loop's ContributionFreezer
     trainer = ProgtuningTrainer(model=damped_model(), args=training, train_dataset=tiny_dataset(ROWS),
                                 callbacks=[callback])
     trainer.train()

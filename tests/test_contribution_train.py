@@ -168,7 +168,7 @@ def test_report_names_the_mode_and_draws_the_realised_stages():
 def test_real_minilm_trains_with_the_contribution_schedule_and_reports(tmp_path):
     out = tmp_path / "minilm"
     argv = ["train", "--task", "rotten-tomatoes", "--model", "minilm-l6", "--schedule", "contribution",
-            "--target-reduction", "0.1", "--decision-interval", "0.2", "--max-train-examples", "64",
+            "--embeddings", "always", "--target-reduction", "0.1", "--decision-interval", "0.2", "--max-train-examples", "64",
             "--max-eval-examples", "32", "--epochs", "2", "--batch-size", "16", "--max-length", "32",
             "--threads", "1", "--no-save-model", "--no-save-checkpoints", "--logging-steps", "2",
             "--output-dir", str(out)]

@@ -147,7 +147,7 @@ def test_a_lora_runs_card_names_its_schedule_and_reproduces_it(tmp_path):
     assert f"`{model_dir}` fine-tuned on **train** (classification) with LoRA (r=4, alpha=16)" in card
     for index, stage in enumerate(results["stages"]):
         blocks = {0: "0-3", 1: "1-3", 2: "2-3"}[index]
-        assert f"| {index + 1} | {stage['start_step']} | {blocks} | yes | {stage['trainable_params']:,} |" in card
+        assert f"| {index + 1} | {stage['start_step']} | {blocks} | no | {stage['trainable_params']:,} |" in card
     assert f"{results['updated_params']:,} parameter-epochs" in card and f"{results['reduction']:.1%} fewer" in card
     assert f"| validation | {results['metrics']['validation']['accuracy']:.4f} |" in card
     # the command in the card rebuilds this run's config

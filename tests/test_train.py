@@ -63,8 +63,10 @@ def test_results_json_follows_the_schema(real_run):
 
     _, results = real_run
     assert set(results) == set(RESULTS_KEYS) - set(OPTIONAL_KEYS) and results["schema"] == SCHEMA_VERSION
-    assert results["mode"] == {"label": "prog", "method": "full", "progtuning": True, "schedule": "progressive",
-                               "embeddings": "always", "variant": None, "baseline": False, "compared_with": "base"}
+    # the demo config runs the default preset; the label names what differs from the paper's schedule
+    assert results["mode"] == {"label": "prog-emb-never", "method": "full", "progtuning": True,
+                               "schedule": "progressive", "embeddings": "never", "variant": None, "baseline": False,
+                               "compared_with": "base"}
     assert results["task"]["kind"] == "classification"
 
 
@@ -75,14 +77,17 @@ def test_stages_switched_where_planned(real_run):
     assert steps_per_epoch == 12  # 384 examples / batch 32
     assert [(s["stage"], s["start_step"], s["end_step"]) for s in results["stages"]] == [(0, 0, 12), (1, 12, 24)]
     assert results["planned_stage_starts"] == [0, 12]
-    # MiniLM-L6, T=2: stage 2 trains blocks 3-5, embeddings and head; 3 blocks of 1,774,464 frozen.
+    # MiniLM-L6, T=2, the default preset: stage 2 trains blocks 3-5 and the head; 3 blocks of 1,774,464
+    # frozen, the embeddings (11,918,592) frozen throughout, while the baseline trains them.
     first, second = results["stages"]
     assert second["blocks"] == [3, 4, 5]
     assert first["trainable_params"] - second["trainable_params"] == 3 * 1_774_464
     expected_updated = first["trainable_params"] + second["trainable_params"]  # one epoch each
     assert results["updated_params"] == expected_updated
-    assert results["baseline_updated_params"] == 2 * first["trainable_params"]
+    assert results["baseline_updated_params"] == 2 * (first["trainable_params"] + 11_918_592)
     assert results["reduction_blocks_only"] == pytest.approx(0.25)
+    # the default preset caches the frozen prefix from the second stage on
+    assert [s["cache"] for s in results["prefix_cache"]["stages"]] == [False, True]
     logged = [entry["progtuning_stage"] for entry in results["log_history"] if "loss" in entry]
     assert logged[0] == 0 and logged[-1] == 1
 
