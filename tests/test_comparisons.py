@@ -131,8 +131,9 @@ def test_goal_check_needs_all_three_on_four_of_five_tasks():
     rows = [_row(t, "prog-good", -0.4, 0.25, 0.65) for t in tasks[:4]] + [_row("e", "prog-good", -2.0, 0.25, 0.65)]
     rows += [_row(t, "prog-slow", 0.0, 0.3, 0.75 if t in "ab" else 0.6) for t in tasks]
     rows += [_row(t, "base-frozen", 0.0, 0.5, 0.5, arm_is_baseline=True) for t in tasks]
-    # a row against a baseline other than the arm's own does not count (here it would make "e" pass)
-    rows += [_row("e", "prog-good", 0.0, 0.5, 0.5, primary=False)]
+    # a head-to-head row of two presets is no verdict (here it would make "e" pass)
+    head_to_head = _row("e", "prog-good", 0.0, 0.5, 0.5, primary=False)
+    rows += [{**head_to_head, "baseline": "prog-slow"}]
     results = {r.arm: r for r in goal_check(rows)}
     assert set(results) == {"prog-good", "prog-slow"}  # a baseline arm is no preset
     assert results["prog-good"].met and results["prog-good"].passing == ["a", "b", "c", "d"]
@@ -146,6 +147,11 @@ def test_goal_check_needs_all_three_on_four_of_five_tasks():
     assert not goal_check([_row(t, "p", 0, 0.3, 0.5) for t in tasks[:3]])[0].met
     six = [_row(t, "p", 0, 0.3, 0.5) for t in "abcd"] + [_row(t, "p", -3, 0.3, 0.5) for t in "ef"]
     assert not goal_check(six)[0].met
+    # a preset with a cheap baseline gets a second verdict against the plain one
+    cheap = [{**_row(t, "p", -1.0, 0.3, 0.75), "baseline": "base-frozen"} for t in tasks]
+    plain = [_row(t, "p", 0.0, 0.6, 0.5, primary=False) for t in tasks]
+    verdicts = {r.baseline: r.met for r in goal_check(cheap + plain)}
+    assert verdicts == {"base-frozen": False, "base": True}
 
 
 def test_the_report_writes_the_study_tables_and_prints_the_goal_check(study, tmp_path, capsys):

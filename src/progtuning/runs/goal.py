@@ -9,8 +9,10 @@ at least 4), against the baseline it is compared with:
 * it trains in at most 0.7× the baseline's time (median of the paired ratios).
 
 :func:`goal_check` reads the rows of :func:`progtuning.runs.comparisons.compare_runs`; baseline
-arms (``base-<variant>``) are no presets and are left out, and so are the rows that compare an arm
-with a baseline other than its own (``primary: False``).
+arms (``base-<variant>``) are no presets and are left out, and so are head-to-head rows of two
+Progtuning arms. A preset compared with a cheap baseline is also checked against the plain one
+(its ``primary: False`` rows): one verdict per (preset, baseline), so a reader sees both "does the
+schedule pay off beyond freezing the embeddings?" and "does it pay off against plain fine-tuning?".
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class GoalResult:
     method: str
     arm: str
     baseline: str
+    own: bool = True  # the baseline is the preset's own (False: the plain one, beside a cheap own baseline)
     tasks: list[str] = field(default_factory=list)  # every task measured
     passing: list[str] = field(default_factory=list)  # tasks meeting all three criteria
     failing: dict[str, list[str]] = field(default_factory=dict)  # task -> the criteria it missed
@@ -44,7 +47,7 @@ class GoalResult:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "method": self.method, "arm": self.arm, "baseline": self.baseline,
-                "tasks": len(self.tasks), "passing": len(self.passing), "met": self.met,
+                "own_baseline": self.own, "tasks": len(self.tasks), "passing": len(self.passing), "met": self.met,
                 "passing_tasks": ",".join(self.passing),
                 "failing": "; ".join(f"{t}: {', '.join(why)}" for t, why in self.failing.items())}
 
@@ -65,13 +68,17 @@ def missed_criteria(row: dict) -> list[str]:
 
 
 def goal_check(rows: list[dict]) -> list[GoalResult]:
-    """One :class:`GoalResult` per (model, method, preset), in the rows' order."""
-    results: dict[tuple[str, str, str], GoalResult] = {}
+    """One :class:`GoalResult` per (model, method, preset, baseline), in the rows' order."""
+    from progtuning.runs.results import is_baseline_label
+
+    results: dict[tuple[str, str, str, str], GoalResult] = {}
     for row in rows:
-        if row.get("arm_is_baseline") or not row.get("primary", True):
+        if row.get("arm_is_baseline") or not is_baseline_label(row["baseline"]):
             continue
-        key = (row["model"], row["method"], row["arm"])
-        result = results.setdefault(key, GoalResult(row["model"], row["method"], row["arm"], row["baseline"]))
+        key = (row["model"], row["method"], row["arm"], row["baseline"])
+        result = results.setdefault(
+            key, GoalResult(row["model"], row["method"], row["arm"], row["baseline"], own=row.get("primary", True))
+        )
         result.tasks.append(row["task"])
         missed = missed_criteria(row)
         if missed:

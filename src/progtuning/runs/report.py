@@ -223,7 +223,7 @@ CSV_COLUMNS = (
     "reduction_blocks_only", "base_train_time_s", "prog_train_time_s", "time_ratio",
     "base_peak_rss_mb", "prog_peak_rss_mb", "mixed_settings",
 )
-GOAL_COLUMNS = ("model", "method", "arm", "baseline", "tasks", "passing", "met", "passing_tasks", "failing")
+GOAL_COLUMNS = ("model", "method", "arm", "baseline", "own_baseline", "tasks", "passing", "met", "passing_tasks", "failing")
 RUN_COLUMNS = (
     "path", "model", "task", "method", "mode", "seed", "metric", "validation_score", "test_score",
     "updated_params", "baseline_updated_params", "reduction", "reduction_blocks_only", "train_time_s",
