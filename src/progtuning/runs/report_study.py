@@ -91,7 +91,8 @@ def goal_lines(results: list[GoalResult]) -> list[str]:
     """The goal check as plain lines, for the terminal."""
     lines = [goal_statement()]
     for r in results:
-        lines.append(f"  {r.model} {r.method} {r.arm} (vs {r.baseline}): {len(r.passing)} of {len(r.tasks)} tasks "
+        vs = r.baseline if r.own else f"{r.baseline}, not its own baseline"
+        lines.append(f"  {r.model} {r.method} {r.arm} (vs {vs}): {len(r.passing)} of {len(r.tasks)} tasks "
                      f"-> {'MET' if r.met else 'not met'}")
     lines.append(goal_conclusion(results).replace("**", "") if results else "No Progtuning arm has a baseline yet.")
     return lines
