@@ -2,8 +2,12 @@
 
 For every (model, task, method) and every arm (a Progtuning mode, or a cheap baseline variant)
 the baseline is the one its results name (``mode.compared_with``: the plain baseline ``base``
-unless the sweep named another, e.g. frozen embeddings). Runs are paired by seed, and for each
-arm :func:`compare_runs` gives:
+unless the sweep named another, e.g. frozen embeddings). An arm compared with such a cheap
+baseline gets a second row against ``base`` too, marked ``primary: False``: the first answers
+"does the schedule earn its keep beyond freezing the embeddings?", the second "what does a user
+gain over plain fine-tuning?". Pairs named in ``extra_pairs`` (``progtuning report --compare
+prog-contrib:prog-fast``) add head-to-head rows of two arms, e.g. two schedules at the same
+saving. Runs are paired by seed, and each row holds:
 
 * **Δ** of the task's main metric on the test split, arm − baseline, median over the paired seeds,
   with a 95% bootstrap interval over seeds × examples (:mod:`progtuning.runs.bootstrap`; each
@@ -11,15 +15,6 @@ arm :func:`compare_runs` gives:
   and the verdict that interval allows (better / worse / no difference). Runs without per-example
   outputs (older results, QA) get Δ from their stored scores and no interval. Δ is also given in
   *points* (× 100, or as is for metrics already in percent: SQuAD);
-An arm compared with a cheap baseline (e.g. the schedule with the embeddings frozen, against
-frozen embeddings alone) gets a second row against the plain baseline ``base`` too, marked
-``primary: False``: the first answers "does the schedule earn its keep?", the second "what does a
-user gain over plain fine-tuning?". Pairs named in ``extra_pairs`` (``progtuning report --compare
-prog-contrib:prog-fast``) add head-to-head rows of two arms, e.g. two schedules at the same saving,
-on the same protocol. Only primary rows count for the goal.
-
-Each row holds:
-
 * the **reduction** in updated parameters (parameter-epochs) against *that* baseline's runs:
   1 − arm / baseline (an arm given more epochs can update more than its baseline: a negative
   reduction);
