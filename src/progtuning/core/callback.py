@@ -104,11 +104,11 @@ class ProgtuningCallback(TrainerCallback):
         self.policy = _contribution_policy(schedule, target_reduction)
         self.schedule = None if self.policy is not None else schedule
         self.num_stages = num_stages
-        chosen = get_preset(preset)
-        self.embeddings = chosen.embeddings if embeddings is None else embeddings
+        chosen = get_preset(preset).under(embeddings=embeddings, eval_frozen_blocks=eval_frozen_blocks)
+        self.embeddings = chosen["embeddings"]
         self.unit = unit
         self.blocks = blocks
-        self.eval_frozen_blocks = chosen.eval_frozen_blocks if eval_frozen_blocks is None else eval_frozen_blocks
+        self.eval_frozen_blocks = chosen["eval_frozen_blocks"]
         self.tied_head = tied_head
         # only for runs that time a few steps on purpose (progtuning bench): a stage never reached
         self.allow_empty_stages = allow_empty_stages

@@ -37,6 +37,11 @@ class Preset:
         del values["name"], values["summary"]
         return values
 
+    def under(self, **given) -> dict:
+        """Each of ``given``'s keys: its value, or this preset's where it is None (not given)."""
+        defaults = self.settings()
+        return {key: defaults[key] if value is None else value for key, value in given.items()}
+
 
 PRESETS = {
     preset.name: preset

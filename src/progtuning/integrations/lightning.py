@@ -60,12 +60,13 @@ class ProgtuningFinetuning(BaseFinetuning):
         super().__init__()
         self.schedule = schedule
         self.num_stages = num_stages
-        chosen = get_preset(preset)  # the settings the paper leaves open; explicit arguments win
-        self.embeddings = chosen.embeddings if embeddings is None else embeddings
+        # the settings the paper leaves open; explicit arguments win
+        chosen = get_preset(preset).under(embeddings=embeddings, eval_frozen_blocks=eval_frozen_blocks)
+        self.embeddings = chosen["embeddings"]
         self.unit = unit
         self.blocks = blocks
         self.model_attr = model_attr
-        self.eval_frozen_blocks = chosen.eval_frozen_blocks if eval_frozen_blocks is None else eval_frozen_blocks
+        self.eval_frozen_blocks = chosen["eval_frozen_blocks"]
         self.freezer: ProgressiveFreezer | None = None
         self._max_epochs: int | None = None
         self._saved: dict | None = None  # the schedule a checkpoint was made with, until it is compared

@@ -325,7 +325,7 @@ def _plan(args, rest: list[str]) -> int:
         args.model,
         epochs=args.epochs,
         stages=args.stages,
-        embeddings=args.embeddings or get_preset(args.preset).embeddings,
+        embeddings=get_preset(args.preset).under(embeddings=args.embeddings)["embeddings"],
         unit=args.unit,
         method=args.method,
         method_head=args.method_head,
