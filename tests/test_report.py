@@ -182,6 +182,9 @@ def test_report_cli(tmp_path, capsys):
     assert "11 runs, 3 table rows, 0 probe(s)" in capsys.readouterr().out
     assert (tmp_path / "r" / "results.md").is_file()
     assert not (tmp_path / "r" / "bars.png").exists()
+    assert main(["report", str(FIXTURES), "--out", str(tmp_path / "t"), "--no-plots", "--tasks", "trec6",
+                 "--arms", "prog"]) == 0
+    assert "4 runs, 1 table rows" in capsys.readouterr().out
 
 
 def test_probe_folders_are_reported_as_probes_not_as_sweep_runs(tmp_path):
@@ -235,3 +238,22 @@ def test_each_arm_is_compared_with_the_baseline_it_names(tmp_path):
     assert (rows["prog"]["baseline"], rows["prog"]["diff"]) == ("base", pytest.approx(-0.02))
     assert (rows["prog-emb-never"]["baseline"], rows["prog-emb-never"]["diff"]) == ("base-frozen-emb", pytest.approx(0.02))
     assert (rows["base-frozen-emb"]["baseline"], rows["base-frozen-emb"]["diff"]) == ("base", pytest.approx(-0.10))
+
+
+def test_a_report_can_show_some_tasks_and_arms_each_with_its_baseline(tmp_path):
+    from progtuning.runs.report import select_runs
+
+    runs = load_runs([FIXTURES])
+    only_trec = select_runs(runs, tasks=["trec6"])
+    assert {r.task for r in only_trec} == {"trec6"} and len(only_trec) == 5
+    # an arm keeps the baseline it is compared with, so its rows still have a difference
+    emb_first = select_runs(runs, arms=["prog-emb-first"])
+    assert sorted({r.mode for r in emb_first}) == ["base", "prog-emb-first"]
+    rows = summarize_runs(emb_first)
+    assert [r["mode"] for r in rows if r["mode"]] == ["prog-emb-first"]
+    assert _row(rows, "trec6", "lora", "prog-emb-first")["diff"] == pytest.approx(0.03)
+    with pytest.raises(ProgtuningError, match=r"^no runs of arm prog-t9: the runs have base, prog, prog-emb-first$"):
+        select_runs(runs, arms=["prog-t9"])
+    with pytest.raises(ProgtuningError, match="no runs of task sst2: the runs have rotten-tomatoes, trec6"):
+        build_report([FIXTURES], tmp_path / "out", tasks=["sst2"], plots=False)
+    assert not (tmp_path / "out").exists()  # refused before writing anything

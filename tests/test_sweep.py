@@ -178,6 +178,38 @@ def test_finished_runs_are_skipped_and_a_killed_sweep_continues(tmp_path):
     assert calls == []
 
 
+def test_an_edited_yaml_is_not_met_by_runs_finished_with_the_old_settings(tmp_path):
+    data = _sweep(tmp_path)
+    run_sweep(expand_sweep(data), runner=fake_runner(), echo=lambda line: None)
+    data["methods"]["lora"]["learning_rate"] = 5e-4
+    calls: list[str] = []
+    with pytest.raises(ProgtuningError) as error:
+        run_sweep(expand_sweep(data), runner=fake_runner(calls), echo=lambda line: None)
+    message = str(error.value)
+    assert "\n" not in message and "run rotten-tomatoes/lora/base/seed0 finished with other settings" in message
+    assert "learning_rate: 0.001 -> 0.0005" in message and "(and 11 more runs)" in message and "delete" in message
+    assert calls == []  # refused before anything ran
+
+
+def test_a_second_sweep_in_the_same_folder_reuses_the_runs_it_shares(tmp_path):
+    # the study: plain and Progtuning runs on two tasks
+    study = _sweep(tmp_path, grid={"task": ["rotten-tomatoes", "trec6"], "method": ["full"],
+                                   "progtuning": [False, True], "seed": [0]})
+    study_yaml = tmp_path / "study.yaml"
+    study_yaml.write_text(yaml.safe_dump(study))
+    run_sweep(load_sweep(study_yaml), runner=fake_runner(), echo=lambda line: None)
+    # ablations on one task, into the same folder: base and prog are the study's, setting for setting
+    ablations = _sweep(tmp_path, grid={"task": ["trec6"], "method": ["full"], "progtuning": [False, True],
+                                       "seed": [0]}, variants={"t2": {"stages": 2, "stage_unit": "fraction"}})
+    ablations_yaml = tmp_path / "ablations.yaml"
+    ablations_yaml.write_text(yaml.safe_dump(ablations))
+    calls: list[str] = []
+    run_sweep(load_sweep(ablations_yaml), runner=fake_runner(calls), echo=lambda line: None)
+    assert calls == ["trec6/full/prog-t2/seed0"]
+    kept = sorted(p.name for p in (tmp_path / "sweep" / "_sweep").glob("*.yaml"))
+    assert kept == ["ablations.yaml", "study.yaml"]  # each sweep's YAML, neither overwriting the other
+
+
 def test_a_failed_run_is_logged_and_the_sweep_goes_on(tmp_path):
     sweep = expand_sweep(_sweep(tmp_path))
     bad = "trec6/full/prog/seed0"

@@ -205,6 +205,9 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     report.add_argument("--compare", action="append", default=[], metavar="ARM:OTHER",
                         help="also compare two arms head to head, paired by seed (e.g. prog-contrib:prog-fast); "
                              "repeatable")
+    report.add_argument("--tasks", help="only these tasks, comma-separated (e.g. rotten-tomatoes,trec6)")
+    report.add_argument("--arms", help="only these arms, comma-separated (e.g. base,prog,prog-fast); "
+                                       "each keeps the baseline it is compared with")
     report.set_defaults(handler=_report)
 
     probe = commands.add_parser(
@@ -384,12 +387,16 @@ def _report(args, rest: list[str]) -> int:
         raise ProgtuningError(f"--compare {bad[0]!r} must be two different arms as ARM:OTHER, e.g. prog-contrib:prog-fast")
     written = build_report(
         args.dirs, args.out, split=args.split, markdown=args.markdown, title=args.title, plots=not args.no_plots,
-        bootstrap=args.bootstrap, compare=pairs,
+        bootstrap=args.bootstrap, compare=pairs, tasks=_names(args.tasks), arms=_names(args.arms),
     )
     print(f"{written['runs']} runs, {len(written['rows'])} table rows, {written['probes']} probe(s) -> {written['markdown']}")
     if written["comparisons"]:
         print("\n".join(goal_lines(written["goal"])))
     return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
 
 def _probe(args, rest: list[str]) -> int:

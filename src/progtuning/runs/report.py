@@ -121,6 +121,24 @@ def load_probes(paths: Iterable[str | Path]) -> list[dict]:
     return list(found.values())
 
 
+def select_runs(runs: list[Run], tasks: Iterable[str] | None = None, arms: Iterable[str] | None = None) -> list[Run]:
+    """The runs of the given tasks and arms (None: all), each kept arm with the baseline it names.
+
+    One study folder can hold several sweeps' arms (the study, its ablations on two tasks): this is
+    how a report shows one of them. A name that matches no run is an error that lists the names.
+    """
+    for kind, wanted, have in (("task", tasks, {r.task for r in runs}), ("arm", arms, {r.mode for r in runs})):
+        unknown = sorted(set(wanted or ()) - have)
+        if unknown:
+            raise ProgtuningError(f"no runs of {kind} {', '.join(unknown)}: the runs have {', '.join(sorted(have))}")
+    if tasks is not None:
+        runs = [r for r in runs if r.task in set(tasks)]
+    if arms is not None:
+        keep = set(arms) | {r.compared_with or "base" for r in runs if r.mode in set(arms) and r.mode != "base"}
+        runs = [r for r in runs if r.mode in keep]
+    return runs
+
+
 def _run(path: Path, results: dict) -> Run:
     config = results.get("config", {})
     task = results.get("task", {})
@@ -240,12 +258,15 @@ def build_report(
     plots: bool = True,
     bootstrap: int = 1000,
     compare: Iterable[tuple[str, str]] = (),
+    tasks: Iterable[str] | None = None,
+    arms: Iterable[str] | None = None,
 ) -> dict:
     """Write ``results.md``, ``results.csv`` (one row per group), ``runs.csv`` (one per run),
     ``comparisons.csv`` (each arm against its baseline), ``goal.csv`` and PNGs.
 
     ``bootstrap``: resamples of the paired bootstrap (0: Δ without intervals). ``compare``: extra
-    head-to-head pairs (arm, other arm), e.g. ``("prog-contrib", "prog-fast")``.
+    head-to-head pairs (arm, other arm), e.g. ``("prog-contrib", "prog-fast")``. ``tasks`` /
+    ``arms``: report only these (see :func:`select_runs`).
 
     ``markdown``: write the Markdown there instead of ``out_dir/results.md``; if that file exists
     and holds the markers ``<!-- report:begin -->`` … ``<!-- report:end -->``, only the text
@@ -255,7 +276,7 @@ def build_report(
     if split not in ("test", "validation"):
         raise ProgtuningError(f"split must be test or validation, got {split!r}")
     dirs = list(dirs)
-    runs = load_runs(dirs)
+    runs = select_runs(load_runs(dirs), tasks, arms)
     probes = load_probes(dirs)
     if not runs and not probes:
         raise ProgtuningError(f"no results.json under {', '.join(map(str, dirs))}: run a sweep (or train) first")

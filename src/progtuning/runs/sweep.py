@@ -49,9 +49,13 @@ Each run is ``python -m progtuning train CONFIG`` in a fresh process (a crash or
 with it); its resolved config and its log are kept in the run folder (``config.yaml``,
 ``train.log``) once it ends. A run folder holding ``results.json`` is finished and skipped, so a
 killed sweep continues where it stopped; a run that failed is logged, the sweep goes on, and the
-next invocation retries it. One progress line is printed per run. ``OUTPUT_DIR/_sweep/`` keeps the
-sweep config, a lock (two sweeps never share a folder) and ``status.jsonl`` (one line per run
-ended).
+next invocation retries it. A finished run whose recorded config differs from what the YAML now
+asks for stops the sweep before anything runs (an edited YAML is never met by an old result).
+That same check lets several sweeps share one folder: a second YAML (say, ablations on two of
+the tasks) that writes into a study's folder reuses the study's runs it has in common, setting
+for setting, and runs only its new arms. One progress line is printed per run.
+``OUTPUT_DIR/_sweep/`` keeps each sweep's YAML as ``<name>.yaml``, a lock (two sweeps never run
+in one folder at once) and ``status.jsonl`` (one line per run ended).
 """
 
 from __future__ import annotations
@@ -103,6 +107,26 @@ class RunSpec:
     def done(self) -> bool:
         return (self.run_dir / RESULTS_FILE).is_file()
 
+    def changed_settings(self) -> list[str]:
+        """How a finished run's recorded config differs from this spec (``key: was -> now``).
+
+        A finished run is skipped, so a settings change in the YAML must not be met by an old result.
+        A key the recorded config lacks was added to progtuning after the run; it counts as changed
+        only where the spec gives it a value other than its default (which the old run could not have).
+        """
+        recorded_path = self.run_dir / CONFIG_FILE
+        if not self.done or not recorded_path.is_file():
+            return []
+        recorded = read_yaml(recorded_path)
+        changed = []
+        for key, now in self.config.items():
+            if key == "output_dir":
+                continue
+            was = recorded[key] if key in recorded else FIELDS[key].default if key in FIELDS else now
+            if was != now:
+                changed.append(f"{key}: {was!r} -> {now!r}")
+        return changed
+
 
 @dataclass
 class RunOutcome:
@@ -120,6 +144,7 @@ class Sweep:
     parallel: int
     runs: list[RunSpec] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    name: str = "sweep"  # the YAML's stem: several sweeps may add arms to one folder, each kept as _sweep/<name>.yaml
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +157,9 @@ def load_sweep(path: str | Path, output_dir: str | None = None, parallel: int | 
         data["output_dir"] = output_dir
     if parallel is not None:
         data["parallel"] = parallel
-    return expand_sweep(data)
+    sweep = expand_sweep(data)
+    sweep.name = Path(path).stem
+    return sweep
 
 
 def expand_sweep(data: dict) -> Sweep:
@@ -357,6 +384,7 @@ def run_sweep(
 ) -> list[RunOutcome]:
     """Run every unfinished run of ``sweep``, ``sweep.parallel`` at a time; return all outcomes."""
     total = len(sweep.runs)
+    check_finished_runs(sweep)
     todo = [spec for spec in sweep.runs if not spec.done]
     finished = total - len(todo)
     if dry_run:
@@ -367,7 +395,7 @@ def run_sweep(
     state_dir = sweep.output_dir / SWEEP_DIR
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     with _lock(state_dir / "lock"):
-        (state_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep.source, sort_keys=False))
+        (state_dir / f"{sweep.name}.yaml").write_text(yaml.safe_dump(sweep.source, sort_keys=False))
         echo(
             f"sweep: {total} runs in {sweep.output_dir} ({finished} already finished, {len(todo)} to run, "
             f"{sweep.parallel} at a time)"
@@ -422,6 +450,18 @@ def run_sweep(
             + (": run the same command again to retry the failed ones" if count["failed"] else "")
         )
     return outcomes
+
+
+def check_finished_runs(sweep: Sweep) -> None:
+    """Refuse, before anything runs, a sweep whose finished runs were made with other settings."""
+    stale = [(spec, changed) for spec in sweep.runs if (changed := spec.changed_settings())]
+    if stale:
+        spec, changed = stale[0]
+        more = f" (and {len(stale) - 1} more runs)" if len(stale) > 1 else ""
+        raise ProgtuningError(
+            f"run {spec.name} finished with other settings ({'; '.join(changed[:3])}){more}: "
+            f"give the sweep another output_dir, or delete {spec.run_dir} to run it again"
+        )
 
 
 def _keep_with_run(spec: RunSpec, log_path: Path) -> None:
