@@ -137,7 +137,10 @@ def test_check_names_split_and_row():
         task.check(datasets.DatasetDict(train=good))
     text = CausalLMTask(name="t", format="text")
     with pytest.raises(ProgtuningError, match="train row 1 of t: the text is empty"):
-        text.check(datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": [" "]}), validation=good))
+        text.check(datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": [" "]}),
+                                        validation=datasets.Dataset.from_dict({"text": ["fine"]})))
+    with pytest.raises(ProgtuningError, match=r"validation split of t lacks column\(s\) text \(has: messages\)"):
+        text.check(datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["fine"]}), validation=good))
 
 
 def test_settings_are_checked_when_the_task_is_built():

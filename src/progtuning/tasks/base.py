@@ -35,6 +35,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
+from progtuning.errors import ProgtuningError
+
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from torch import nn
@@ -92,6 +94,24 @@ class Task(ABC):
         """Raise a one-line :class:`~progtuning.errors.ProgtuningError` if ``data`` cannot train
         this task (a split or column missing, a split empty, a label out of range). Called by
         :func:`~progtuning.tasks.registry.load_task` before anything is written."""
+
+    def check_splits(self, data: DatasetDict, columns: tuple[str, ...], fix: str,
+                     required: tuple[str, ...] | None = None) -> None:
+        """The checks every kind's :meth:`check` starts with: the ``required`` splits (default:
+        ``train`` and :attr:`eval_splits`) present, no split empty, every split with ``columns``
+        (``fix`` says what to set when one is missing)."""
+        for split in ("train", *self.eval_splits) if required is None else required:
+            if split not in data:
+                raise ProgtuningError(f"task {self.name} has no {split!r} split (found: {', '.join(data)}); provide one")
+        for split, dataset in data.items():
+            if len(dataset) == 0:
+                raise ProgtuningError(f"the {split} split of {self.name} is empty: check the file or the subsampling")
+            missing = [c for c in columns if c not in dataset.column_names]
+            if missing:
+                raise ProgtuningError(
+                    f"{split} split of {self.name} lacks column(s) {', '.join(missing)} "
+                    f"(has: {', '.join(dataset.column_names)}): {fix}"
+                )
 
     @abstractmethod
     def preprocess(self, data: DatasetDict, tokenizer: Any, settings: Settings) -> Features:
@@ -168,8 +188,6 @@ class Task(ABC):
         raise self._no_reuse()
 
     def _no_reuse(self) -> Exception:
-        from progtuning.errors import ProgtuningError
-
         return ProgtuningError(f"{self.kind} tasks cannot predict or evaluate a new file yet: "
                                "score them with progtuning train's test split")
 

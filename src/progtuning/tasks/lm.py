@@ -255,16 +255,9 @@ class CausalLMTask(Task):
 
     # -- data ------------------------------------------------------------------------------------
     def check(self, data) -> None:
-        for split in ("train", *self.eval_splits):
-            if split not in data:
-                raise ProgtuningError(f"task {self.name} has no {split!r} split (found: {', '.join(data)}); provide one")
+        fix = "a text file gives 'text'; a JSONL gives prompt/response or messages"
+        self.check_splits(data, (self.column,), fix)
         for split, dataset in data.items():
-            if len(dataset) == 0:
-                raise ProgtuningError(f"the {split} split of {self.name} is empty: check the file or the subsampling")
-            if self.column not in dataset.column_names:
-                raise ProgtuningError(
-                    f"{split} split of {self.name} lacks column {self.column!r} (has: {', '.join(dataset.column_names)})"
-                )
             for row, value in enumerate(dataset[self.column], start=1):
                 problem = _text_problem(value) if self.format == "text" else conversation_problem(value)
                 if problem:

@@ -244,16 +244,7 @@ class ExtractiveQATask(Task):
     evaluates_each_epoch: ClassVar[bool] = False  # scores need post-processing (evaluate)
 
     def check(self, data) -> None:
-        if "train" not in data:
-            raise ProgtuningError(f"task {self.name} has no 'train' split (found: {', '.join(data)}); provide one")
-        for split, dataset in data.items():
-            if len(dataset) == 0:
-                raise ProgtuningError(f"the {split} split of {self.name} is empty: check the file or the subsampling")
-            missing = [c for c in COLUMNS if c not in dataset.column_names]
-            if missing:
-                raise ProgtuningError(
-                    f"{split} split of {self.name} lacks column(s) {', '.join(missing)}: use SQuAD-format data"
-                )
+        self.check_splits(data, COLUMNS, "use SQuAD-format data", required=("train",))
 
     def model_class(self) -> type:
         from transformers import AutoModelForQuestionAnswering

@@ -36,19 +36,8 @@ class TextTask(Task):
 
     def check(self, data) -> None:
         """Columns present, splits non-empty, labels in range — one line per problem."""
-        for split in ("train", *self.eval_splits):
-            if split not in data:
-                raise ProgtuningError(f"task {self.name} has no {split!r} split (found: {', '.join(data)}); provide one")
+        self.check_splits(data, (*self.text_columns, self.label_column), "set text_column / label_column")
         for split, dataset in data.items():
-            if len(dataset) == 0:
-                raise ProgtuningError(f"the {split} split of {self.name} is empty: check the file or the subsampling")
-            needed = [*self.text_columns, self.label_column]
-            missing = [c for c in needed if c not in dataset.column_names]
-            if missing:
-                raise ProgtuningError(
-                    f"{split} split of {self.name} lacks column(s) {', '.join(missing)} "
-                    f"(has: {', '.join(dataset.column_names)}): set text_column / label_column"
-                )
             self.check_labels(split, np.asarray(dataset[self.label_column]))
 
     def check_labels(self, split: str, labels: np.ndarray) -> None:
