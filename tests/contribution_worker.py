@@ -20,7 +20,6 @@ Loops: ``trainer`` (ProgtuningTrainer + ProgtuningCallback, what ``progtuning tr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny helpers
 
 import torch  # noqa: E402
+from worker_runs import join_process_group, save_runs  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -156,22 +156,10 @@ def main() -> None:
     parser.add_argument("loops", nargs="+", choices=["trainer", "plain"])
     args = parser.parse_args()
     os.environ.setdefault("CONTRIBUTION_WORKER_TMP", str(Path(args.out) / "trainer_tmp"))
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    join_process_group()
     if args.skew:
         skew_rank_one()
-    rank = int(os.environ.get("RANK", 0))
-    for loop in args.loops:
-        weights, info = run(loop, args.batch)
-        folder = Path(args.out) / loop
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / f"rank{rank}.safetensors"))
-        (folder / f"rank{rank}.json").write_text(json.dumps(info))
-        if dist.is_initialized():
-            dist.barrier()
+    save_runs(args.out, args.loops, lambda loop: run(loop, args.batch))
 
 
 if __name__ == "__main__":

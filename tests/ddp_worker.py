@@ -26,7 +26,7 @@ Options for every loop: ``acc2`` (per-process batch halved, 2 accumulation steps
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny helpers
 
 import torch  # noqa: E402
+from worker_runs import save_runs  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -157,7 +158,7 @@ def run_plain(loop: str, schedule_name: str, batch: int, accumulation: int, opti
                 for micro in range(accumulation):
                     inputs = next(batches)
                     sync = micro == accumulation - 1 or not distributed
-                    context = _null() if sync else wrapped.no_sync()
+                    context = contextlib.nullcontext() if sync else wrapped.no_sync()
                     with context:
                         (wrapped(**inputs).loss / accumulation).backward()
             except RuntimeError as error:
@@ -178,14 +179,6 @@ def run_plain(loop: str, schedule_name: str, batch: int, accumulation: int, opti
     return {n: p.detach().clone() for n, p in model.named_parameters()}, info
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -193,20 +186,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="LOOP:SCHEDULE[:OPTION...]")
     args = parser.parse_args()
     os.environ.setdefault("DDP_WORKER_TMP", str(Path(args.out) / "trainer_tmp"))
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")  # the Trainer (accelerate) reuses this group
-    rank = int(os.environ.get("RANK", 0))
-    for spec in args.runs:
-        weights, info = run(spec, args.batch)
-        folder = Path(args.out) / spec.replace(":", "-")
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / f"rank{rank}.safetensors"))
-        (folder / f"rank{rank}.json").write_text(json.dumps(info))
-        if dist.is_initialized():
-            dist.barrier()
+    save_runs(args.out, args.runs, lambda spec: run(spec, args.batch))
 
 
 if __name__ == "__main__":

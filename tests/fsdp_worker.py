@@ -30,7 +30,7 @@ on query/value instead of full fine-tuning), ``hN`` (hidden N instead of 32: ``h
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny helpers
 
 import torch  # noqa: E402
+from worker_runs import save_runs  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -158,9 +159,9 @@ def run_plain(loop: str, schedule_name: str, batch: int, accumulation: int, opti
                 inputs = next(batches)
                 last = micro == accumulation - 1
                 if sharded:
-                    context = _null() if last else gradient_sync_off(model)
+                    context = contextlib.nullcontext() if last else gradient_sync_off(model)
                 else:
-                    context = _null() if last or not on else wrapped.no_sync()
+                    context = contextlib.nullcontext() if last or not on else wrapped.no_sync()
                 with context:
                     (wrapped(**inputs).loss / accumulation).backward()
             held = sharded_state_bytes(model, optimizer)  # gradients are there now
@@ -227,14 +228,6 @@ def run_trainer(schedule_name: str, batch: int, accumulation: int, options: set[
     return weights, info
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -242,21 +235,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="LOOP:SCHEDULE[:OPTION...]")
     args = parser.parse_args()
     os.environ.setdefault("FSDP_WORKER_TMP", str(Path(args.out) / "trainer_tmp"))
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")  # the Trainer (accelerate) reuses this group
-    rank = int(os.environ.get("RANK", 0))
-    for spec in args.runs:
-        weights, info = run(spec, args.batch)
-        folder = Path(args.out) / spec.replace(":", "-")
-        folder.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "weights.safetensors"))
-        (folder / f"rank{rank}.json").write_text(json.dumps(info))
-        if dist.is_initialized():
-            dist.barrier()
+    # every rank ends with the same full weights (gathered from the shards): rank 0's are saved
+    save_runs(args.out, args.runs, lambda spec: run(spec, args.batch), weights_from_rank0_only=True)
 
 
 if __name__ == "__main__":
