@@ -184,7 +184,7 @@ def test_real_minilm_trains_with_the_contribution_schedule_and_reports(tmp_path)
 
 
 def test_a_sweep_runs_the_contribution_schedule_as_a_variant_beside_the_fixed_one(tmp_path):
-    from progtuning.runs.sweep import expand_sweep
+    from progtuning.runs.sweep_grid import expand_sweep
 
     sweep = expand_sweep({
         "output_dir": str(tmp_path / "sweep"),

@@ -14,7 +14,7 @@ from progtuning.runs.cli import _PROBE_OPTIONS, _split_own_options
 from progtuning.runs.config import TrainConfig, load_config
 from progtuning.errors import ProgtuningError
 from progtuning.runs.probe import probe_specs, run_probe
-from progtuning.runs.sweep import RunSpec
+from progtuning.runs.sweep_grid import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

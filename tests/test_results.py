@@ -16,7 +16,7 @@ from progtuning.runs.results import (
     run_mode,
     write_json_atomic,
 )
-from progtuning.runs.sweep import expand_sweep
+from progtuning.runs.sweep_grid import expand_sweep
 
 
 def test_mode_of_a_config():

@@ -11,7 +11,8 @@ import yaml
 
 from progtuning.runs.config import load_config
 from progtuning.errors import ProgtuningError
-from progtuning.runs.sweep import RunSpec, Sweep, expand_sweep, load_sweep, run_sweep, write_run_config
+from progtuning.runs.sweep import run_sweep, write_run_config
+from progtuning.runs.sweep_grid import RunSpec, Sweep, expand_sweep, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -367,7 +367,8 @@ def _bench(args, rest: list[str]) -> int:
 
 
 def _sweep(args, rest: list[str]) -> int:
-    from progtuning.runs.sweep import load_sweep, run_sweep, summarize
+    from progtuning.runs.sweep import run_sweep, summarize
+    from progtuning.runs.sweep_grid import load_sweep
 
     sweep = load_sweep(args.config, output_dir=args.output_dir, parallel=args.parallel)
     outcomes = run_sweep(sweep, dry_run=args.dry_run)

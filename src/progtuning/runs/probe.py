@@ -30,7 +30,8 @@ from typing import Any
 from progtuning.errors import ProgtuningError
 from progtuning.runs.config import TrainConfig, load_config
 from progtuning.runs.results import PROBE_FILE, PROBE_PLOT, RESULTS_FILE
-from progtuning.runs.sweep import RunSpec, Runner, Sweep, run_sweep, subprocess_runner
+from progtuning.runs.sweep import Runner, run_sweep, subprocess_runner
+from progtuning.runs.sweep_grid import RunSpec, Sweep
 
 
 def num_blocks_of(config: TrainConfig) -> int:
