@@ -127,14 +127,16 @@ def select_runs(runs: list[Run], tasks: Iterable[str] | None = None, arms: Itera
     One study folder can hold several sweeps' arms (the study, its ablations on two tasks): this is
     how a report shows one of them. A name that matches no run is an error that lists the names.
     """
+    tasks = None if tasks is None else set(tasks)
+    arms = None if arms is None else set(arms)
     for kind, wanted, have in (("task", tasks, {r.task for r in runs}), ("arm", arms, {r.mode for r in runs})):
-        unknown = sorted(set(wanted or ()) - have)
+        unknown = sorted((wanted or set()) - have)
         if unknown:
             raise ProgtuningError(f"no runs of {kind} {', '.join(unknown)}: the runs have {', '.join(sorted(have))}")
     if tasks is not None:
-        runs = [r for r in runs if r.task in set(tasks)]
+        runs = [r for r in runs if r.task in tasks]
     if arms is not None:
-        keep = set(arms) | {r.compared_with or "base" for r in runs if r.mode in set(arms) and r.mode != "base"}
+        keep = arms | {r.compared_with or "base" for r in runs if r.mode in arms and r.mode != "base"}
         runs = [r for r in runs if r.mode in keep]
     return runs
 
