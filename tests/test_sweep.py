@@ -211,6 +211,18 @@ def test_a_second_sweep_in_the_same_folder_reuses_the_runs_it_shares(tmp_path):
     assert kept == ["ablations.yaml", "study.yaml"]  # each sweep's YAML, neither overwriting the other
 
 
+def test_only_runs_the_runs_a_pattern_names(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_sweep(tmp_path)))
+    sweep = load_sweep(path, only=["trec6/lora/prog/seed1", "rotten-tomatoes/*/base/seed2"])
+    # in run order (seed first), whatever the order of the patterns
+    assert [r.name for r in sweep.runs] == [
+        "trec6/lora/prog/seed1", "rotten-tomatoes/full/base/seed2", "rotten-tomatoes/lora/base/seed2",
+    ]
+    with pytest.raises(ProgtuningError, match=r"^--only 'trec6/full/prog/seed7' matches no run of .*: run names look like"):
+        load_sweep(path, only=["trec6/full/prog/seed7"])
+
+
 def test_a_failed_run_is_logged_and_the_sweep_goes_on(tmp_path):
     sweep = expand_sweep(_sweep(tmp_path))
     bad = "trec6/full/prog/seed0"

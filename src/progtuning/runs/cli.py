@@ -191,6 +191,8 @@ def _parser(command: list[str] | None = None) -> argparse.ArgumentParser:
     sweep.add_argument("--parallel", type=int, help="runs at once (default: the YAML's parallel, else 1)")
     sweep.add_argument("--output-dir", help="sweep folder (default: the YAML's output_dir)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; run nothing")
+    sweep.add_argument("--only", action="append", metavar="PATTERN",
+                       help="only the runs whose name matches, e.g. 'bbc-news/*/prog-matched/seed1'; repeatable")
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser("report", help="tables and plots from results.json files (never trains)")
@@ -370,7 +372,7 @@ def _sweep(args, rest: list[str]) -> int:
     from progtuning.runs.sweep import run_sweep, summarize
     from progtuning.runs.sweep_grid import load_sweep
 
-    sweep = load_sweep(args.config, output_dir=args.output_dir, parallel=args.parallel)
+    sweep = load_sweep(args.config, output_dir=args.output_dir, parallel=args.parallel, only=args.only)
     outcomes = run_sweep(sweep, dry_run=args.dry_run)
     return 1 if summarize(outcomes)["failed"] else 0
 

@@ -44,6 +44,7 @@ runs, so a typo fails the sweep at once, not after an hour.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +110,14 @@ class Sweep:
     name: str = "sweep"  # the YAML's stem: several sweeps may add arms to one folder, each kept as _sweep/<name>.yaml
 
 
-def load_sweep(path: str | Path, output_dir: str | None = None, parallel: int | None = None) -> Sweep:
-    """Read a sweep YAML and expand it (see the module docstring)."""
+def load_sweep(
+    path: str | Path, output_dir: str | None = None, parallel: int | None = None, only: list[str] | None = None
+) -> Sweep:
+    """Read a sweep YAML and expand it (see the module docstring).
+
+    ``only``: keep the runs whose name (``task/method/arm/seedK``) matches one of these shell
+    patterns, e.g. ``bbc-news/*/prog-matched/seed1``; a pattern that matches none is an error.
+    """
     data = read_yaml(path)
     if output_dir is not None:
         data["output_dir"] = output_dir
@@ -118,6 +125,14 @@ def load_sweep(path: str | Path, output_dir: str | None = None, parallel: int | 
         data["parallel"] = parallel
     sweep = expand_sweep(data)
     sweep.name = Path(path).stem
+    if only:
+        unmatched = [p for p in only if not any(fnmatch.fnmatchcase(run.name, p) for run in sweep.runs)]
+        if unmatched:
+            raise ProgtuningError(
+                f"--only {unmatched[0]!r} matches no run of {path}: run names look like {sweep.runs[0].name} "
+                "(see --dry-run)"
+            )
+        sweep.runs = [run for run in sweep.runs if any(fnmatch.fnmatchcase(run.name, p) for p in only)]
     return sweep
 
 
