@@ -194,7 +194,12 @@ def _row(model, task, method, mode, base: Side, prog: Side, split: str, baseline
     b_time_by_seed = {r.seed: r.results.get("train_time_s") for r in base.runs}
     time_ratios = [r.results["train_time_s"] / b_time_by_seed[r.seed] for r in prog.runs
                    if b_time_by_seed.get(r.seed) and r.results.get("train_time_s") is not None]
-    configs = [r.results.get("config", {}) for r in base.runs + prog.runs]
+    base_params, prog_params = base.median(field_("updated_params")), prog.median(field_("updated_params"))
+    # against the baseline this row names (a run records its reduction against plain fine-tuning)
+    reduction = 1 - prog_params / base_params if base_params and prog_params is not None else prog.median(field_("reduction"))
+    # a warning is about the seeds of one arm disagreeing, not about how an arm differs from its baseline
+    mixed = sorted(set(_mixed_keys([r.results.get("config", {}) for r in base.runs]))
+                   | set(_mixed_keys([r.results.get("config", {}) for r in prog.runs])))
     return {
         "model": model,
         "task": task,
@@ -215,16 +220,16 @@ def _row(model, task, method, mode, base: Side, prog: Side, split: str, baseline
         "diff": (p_med - b_med) if b_med is not None and p_med is not None else None,
         "prog_wins": sum(p >= b for b, p in pairs),
         "pairs": len(pairs),
-        "base_updated_params": base.median(field_("updated_params")),
-        "prog_updated_params": prog.median(field_("updated_params")),
-        "reduction": prog.median(field_("reduction")),
+        "base_updated_params": base_params,
+        "prog_updated_params": prog_params,
+        "reduction": reduction,
         "reduction_blocks_only": prog.median(field_("reduction_blocks_only")),
         "base_train_time_s": b_time,
         "prog_train_time_s": p_time,
         "time_ratio": statistics.median(time_ratios) if time_ratios else None,
         "base_peak_rss_mb": base.median(field_("peak_rss_mb")),
         "prog_peak_rss_mb": prog.median(field_("peak_rss_mb")),
-        "mixed_settings": ", ".join(_mixed_keys(configs)),
+        "mixed_settings": ", ".join(mixed),
     }
 
 
