@@ -39,16 +39,10 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
     sampled = False  # built-in tasks subsample stratified, inside their source
     lm_settings = dict(packing=config.packing, max_new_tokens=config.max_new_tokens,
                        generate_examples=config.generate_examples)
-    # how a table (a hub dataset or the user's files) maps onto a text task
-    table_settings = dict(
-        text_column=config.text_column, text_pair_column=config.text_pair_column,
-        label_column=config.label_column, task_type=config.task_type, label_names=config.label_names,
-        num_labels=config.num_labels,
-    )
     if getattr(config, "dataset", None):
         from progtuning.tasks.hub_datasets import load_hub_dataset
 
-        task, data = load_hub_dataset(config.dataset, config.dataset_config, **table_settings)
+        task, data = load_hub_dataset(config.dataset, config.dataset_config, **_table_settings(config))
     elif name in lmfiles.LM_FILE_TASKS:
         if not config.train_file:
             raise ProgtuningError(f"task {name!r} needs --train-file PATH ({'.txt or .jsonl' if name == 'causal-lm' else '.jsonl'})")
@@ -66,7 +60,7 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
             raise ProgtuningError("task 'files' needs --train-file PATH (CSV, TSV or JSONL)")
         task, data = textfiles.load_text_files(
             config.train_file, validation=config.validation_file, test=config.test_file,
-            skip_bad_rows=getattr(config, "skip_bad_rows", False), **table_settings,
+            skip_bad_rows=getattr(config, "skip_bad_rows", False), **_table_settings(config),
         )
     elif name in builtin.BUILTIN_TASKS:
         # Stratified subsets; the evaluation subset is drawn with a fixed seed, so runs with
@@ -87,6 +81,16 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
         data = subsample_splits(data, config.max_train_examples, config.max_eval_examples, config.seed)
     task.check(data)
     return task, data
+
+
+def _table_settings(config: Any) -> dict[str, Any]:
+    """How a table (a hub dataset or the user's files) maps onto a text task: read only for those
+    sources, so a config for another source (a benchmark's, say) need not carry the keys."""
+    return dict(
+        text_column=config.text_column, text_pair_column=config.text_pair_column,
+        label_column=config.label_column, task_type=config.task_type, label_names=config.label_names,
+        num_labels=config.num_labels,
+    )
 
 
 def task_source(config: Any) -> str:
