@@ -136,7 +136,7 @@ def select_runs(runs: list[Run], tasks: Iterable[str] | None = None, arms: Itera
     if tasks is not None:
         runs = [r for r in runs if r.task in tasks]
     if arms is not None:
-        keep = arms | {r.compared_with or "base" for r in runs if r.mode in arms and r.mode != "base"}
+        keep = arms | {r.compared_with or "base" for r in runs if r.mode in arms}
         runs = [r for r in runs if r.mode in keep]
     return runs
 
