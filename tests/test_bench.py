@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from progtuning.errors import ProgtuningError
 from progtuning.runs.bench import main, run_bench
-from progtuning.runs.bench_config import BenchConfig
+from progtuning.runs.bench_config import BenchConfig, add_arguments, config_from_args
 from progtuning.runs.bench_flops import flop_units, plan_variants
 from progtuning.runs.bench_format import format_results
 
@@ -82,3 +83,13 @@ def test_tiny_bench_writes_every_field(tmp_path, capsys):
     assert "ProgtuningCallback itself" in text
     assert not any(word in text for word in ("[met]", "NOT met", "<=", "target"))
     assert format_results(results).splitlines()[0].startswith("bert, hidden 32")
+
+
+def test_command_line_reads_comma_separated_policies_and_optional_numbers():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--policies", "always,never", "--vocab", "500", "--layers", "6"]))
+    assert config.policies == ("always", "never")
+    assert config.vocab == 500 and config.layers == 6
+    config.validate()
+    assert config_from_args(parser.parse_args([])).policies == ("always", "first_stage", "never")
