@@ -39,7 +39,7 @@ def outputs(wrong: int) -> list:
     return np.eye(CLASSES)[predicted].tolist()
 
 
-def write_run(root, label, seed, wrong, updated, train_time, curve, compared_with="base", task="trec6"):
+def write_run(root, label, seed, wrong, updated, train_time, curve, compared_with="base", task="trec6", gpu_mb=None):
     path = root / task / "full" / label / f"seed{seed}" / "results.json"
     path.parent.mkdir(parents=True)
     baseline = label.startswith("base")
@@ -55,6 +55,7 @@ def write_run(root, label, seed, wrong, updated, train_time, curve, compared_wit
         "validation_curve": [{"epoch": i + 1, "step": 10 * (i + 1), "train_time_s": t, "score": s}
                              for i, (t, s) in enumerate(curve)],
         "updated_params": updated, "train_time_s": train_time, "peak_rss_mb": 1000 - 100 * (label != "base"),
+        "stages": [{"stage": i, "peak_gpu_mb": mb} for i, mb in enumerate(gpu_mb or [None])],
     })
 
 
@@ -100,6 +101,27 @@ def test_each_arm_against_its_own_baseline(study):
     assert never["delta"] == pytest.approx(-0.2, abs=1e-12) and never["verdict"] == "worse"
     assert never["reduction"] == pytest.approx(0.2)  # against the frozen-embeddings baseline's 750, not 900
     assert math.isinf(never["time_to_reach_ratio"]) and never["reached"] == "0/3"
+
+
+def test_gpu_runs_report_the_peak_and_the_last_stage_gpu_memory(tmp_path):
+    curve = [(30, 0.6), (60, 0.7), (90, 0.8)]
+    for seed in range(2):
+        write_run(tmp_path, "base", seed, 10, 900, 100, curve, gpu_mb=[3000 + 2 * seed])
+        write_run(tmp_path, "prog", seed, 10, 600, 80, curve, gpu_mb=[3000 + 2 * seed, 2200, 1400 + 10 * seed])
+    (row,) = compare_runs(load_runs([tmp_path]), resamples=0)
+    assert (row["base_peak_gpu_mb"], row["arm_peak_gpu_mb"], row["arm_last_stage_gpu_mb"]) == (3001, 3001, 1405)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--out", str(out), "--no-plots", "--bootstrap", "0"]) == 0
+    markdown = (out / "results.md").read_text()
+    assert "peak GPU MiB (base / arm / arm's last stage)" in markdown and "| 3,001 / 3,001 / 1,405 |" in markdown
+
+
+def test_cpu_runs_have_no_gpu_memory_column(study, tmp_path):
+    rows = compare_runs(load_runs([study]), resamples=0)
+    assert all(r["arm_peak_gpu_mb"] is None and r["arm_last_stage_gpu_mb"] is None for r in rows)
+    out = tmp_path / "report"
+    assert main(["report", str(study), "--out", str(out), "--no-plots", "--bootstrap", "0"]) == 0
+    assert "GPU MiB" not in (out / "results.md").read_text()
 
 
 def test_runs_without_per_example_outputs_get_delta_from_their_scores_and_no_interval(study):

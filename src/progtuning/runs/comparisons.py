@@ -47,8 +47,8 @@ COMPARISON_COLUMNS = (
     "model", "task", "method", "arm", "baseline", "primary", "arm_is_baseline", "metric", "split", "seeds", "examples",
     "base_score", "arm_score", "delta", "delta_low", "delta_high", "verdict", "points_per_unit",
     "base_updated_params", "arm_updated_params", "reduction", "base_train_time_s", "arm_train_time_s",
-    "time_ratio", "base_peak_rss_mb", "arm_peak_rss_mb", "time_to_reach_ratio", "reached", "base_epochs",
-    "arm_epochs", "resamples",
+    "time_ratio", "base_peak_rss_mb", "arm_peak_rss_mb", "base_peak_gpu_mb", "arm_peak_gpu_mb",
+    "arm_last_stage_gpu_mb", "time_to_reach_ratio", "reached", "base_epochs", "arm_epochs", "resamples",
 )
 
 
@@ -116,12 +116,27 @@ def _compare(model, task, method, arm, baseline, base_runs, arm_runs, split, res
         time_ratio=_median(_ratio(a.results.get("train_time_s"), b.results.get("train_time_s")) for b, a in pairs),
         base_peak_rss_mb=_median(b.results.get("peak_rss_mb") for b, _ in pairs),
         arm_peak_rss_mb=_median(a.results.get("peak_rss_mb") for _, a in pairs),
+        base_peak_gpu_mb=_median(peak_gpu_mb(b.results) for b, _ in pairs),
+        arm_peak_gpu_mb=_median(peak_gpu_mb(a.results) for _, a in pairs),
+        arm_last_stage_gpu_mb=_median(peak_gpu_mb(a.results, last_stage=True) for _, a in pairs),
     )
     reach = [time_to_reach_ratio(b.results.get("validation_curve"), a.results.get("validation_curve")) for b, a in pairs]
     reach = [r for r in reach if r is not None]
     row["time_to_reach_ratio"] = float(np.median(reach)) if reach else None  # inf: not reached
     row["reached"] = f"{sum(math.isfinite(r) for r in reach)}/{len(reach)}" if reach else None
     return row
+
+
+def peak_gpu_mb(results: dict, last_stage: bool = False) -> float | None:
+    """A run's peak GPU memory (the largest over its stages, or its last stage's); None for a CPU run.
+
+    The whole run's peak is the first stage's, where every block trains, so it equals the baseline's;
+    what the schedule saves shows in the later stages, where the frozen blocks keep no activations.
+    """
+    stages = results.get("stages") or []
+    peaks = [s.get("peak_gpu_mb") for s in (stages[-1:] if last_stage else stages)]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
 
 
 def _interval(pairs, split, resamples, seed, resamplers) -> PairedDelta | None:

@@ -17,6 +17,7 @@ def render_comparisons(rows: list[dict], split: str) -> list[str]:
     if not rows:
         return []
     resamples = max((r.get("resamples") or 0 for r in rows), default=0)
+    on_gpu = any(r.get("arm_peak_gpu_mb") is not None for r in rows)  # the GPU column only for GPU runs
     lines = [
         "### Each arm against its own baseline",
         "",
@@ -27,14 +28,17 @@ def render_comparisons(rows: list[dict], split: str) -> list[str]:
         "1 − updated parameters (parameter-epochs) of the arm / of *this* baseline. Train-time ratio: median of "
         "the paired ratios of `train_time_s`. Time to reach: the arm's training time until its validation score "
         "first reached the baseline's final one, over the baseline's training time (median over seeds; a seed that "
-        "never reached it counts as infinitely slow). Peak memory: median peak RSS. Arms marked † are cheap "
+        "never reached it counts as infinitely slow). Peak memory: median peak RSS"
+        + ("; peak GPU memory: `torch.cuda.max_memory_allocated`, over the whole run (its first stage) and over "
+           "the arm's last stage" if on_gpu else "") + ". Arms marked † are cheap "
         "baselines shown against the plain one; a baseline in *italics* is not the arm's own (an arm compared with "
         "a cheap baseline is shown against the plain one too, for what it gains over plain fine-tuning).",
         "",
         "| model | task | method | arm | vs | metric | baseline | arm score | Δ (pt) | 95% interval | verdict "
         "| updated params (base → arm) | reduction | train-time ratio | time to reach | peak MiB (base / arm) "
-        "| epochs (base / arm) | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + ("| peak GPU MiB (base / arm / arm's last stage) " if on_gpu else "")
+        + "| epochs (base / arm) | seeds |",
+        "|---" * (18 + on_gpu) + "|",
     ]
     for row in rows:
         scale = row.get("points_per_unit") or 100.0
@@ -48,6 +52,8 @@ def render_comparisons(rows: list[dict], split: str) -> list[str]:
             f"{_params(row.get('base_updated_params'))} → {_params(row.get('arm_updated_params'))}",
             _pct(row.get("reduction")), _num(row.get("time_ratio"), 2), _reach(row),
             f"{_num(row.get('base_peak_rss_mb'), 0)} / {_num(row.get('arm_peak_rss_mb'), 0)}",
+            *([f"{_num(row.get('base_peak_gpu_mb'), 0)} / {_num(row.get('arm_peak_gpu_mb'), 0)} / "
+               f"{_num(row.get('arm_last_stage_gpu_mb'), 0)}"] if on_gpu else []),
             f"{_g(row.get('base_epochs'))} / {_g(row.get('arm_epochs'))}", str(row["seeds"]),
         ]) + " |")
     return lines + [""]
