@@ -112,3 +112,20 @@ def test_train_runs_the_default_preset_with_its_cache_and_the_paper_preset_witho
     assert paper["config"]["eval_frozen_blocks"] is False and paper["config"]["cache_frozen"] is False
     assert not any(s["cache"] for s in paper["prefix_cache"]["stages"]) and paper["prefix_cache"]["hits"] == 0
     assert all(s["train_embeddings"] for s in paper["accounting"]["stages"])
+
+
+def test_the_preset_leaves_the_cache_off_on_a_gpu_and_an_explicit_one_is_still_tried(monkeypatch, caplog, tmp_path):
+    """On a GPU the cache measured no faster, so the default preset's "where it can" skips it there;
+    --cache-frozen still asks for it, and --training-args.use_cpu trains on the CPU, where it pays."""
+    from progtuning.runs import train
+
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    preset = load_config(None, {})
+    assert preset.cache_frozen is None and train._trains_on_gpu(preset)
+    with caplog.at_level("INFO", logger=train.logger.name):
+        # the GPU reason comes before any model check, so no model is needed to reach it
+        assert train._prefix_cache(preset, None, None, None, None, tmp_path) is None
+    assert "the frozen-prefix cache is off: on a GPU" in caplog.text
+    assert not train._trains_on_gpu(load_config(None, {"training_args": {"use_cpu": True}}))
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    assert not train._trains_on_gpu(preset)

@@ -8,9 +8,10 @@ measurements behind them):
 * ``eval_frozen_blocks``: whether frozen blocks run in eval mode (their dropout off), or keep the
   training mode a plain ``requires_grad_(False)`` leaves them in;
 * ``cache_frozen``: whether ``progtuning train`` caches the frozen prefix's outputs across epochs.
-  A preset that caches does so only where the cache can run (BERT-family encoders, one process
-  or DDP, embeddings frozen); elsewhere the run goes on without it, where an explicit
-  ``--cache-frozen`` would be refused. The HF callback cannot switch the cache on by itself: add
+  A preset that caches does so only where the cache can run and pays (BERT-family encoders, one
+  process or DDP, embeddings frozen, training on the CPU: on a GPU it measured no faster); elsewhere
+  the run goes on without it, where an explicit ``--cache-frozen`` would be refused (or, on a GPU,
+  honoured). The HF callback cannot switch the cache on by itself: add
   :class:`progtuning.cache.callback.PrefixCacheCallback` for that.
 
 Settings given explicitly (a YAML key, a flag, a callback argument) win over the preset's.
@@ -54,8 +55,8 @@ PRESETS = {
         Preset(
             "fast", embeddings="never", eval_frozen_blocks=True, cache_frozen=True,
             summary="the compute saver: the embeddings stay frozen, frozen blocks run in eval mode and their "
-                    "outputs are cached, so backward stops at the lowest trainable block and the frozen prefix "
-                    "runs once",
+                    "outputs are cached on the CPU, so backward stops at the lowest trainable block and the "
+                    "frozen prefix runs once",
         ),
     )
 }

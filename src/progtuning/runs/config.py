@@ -117,7 +117,7 @@ class TrainConfig(MethodSettings, _WhatToTrain):
                                          "(non-reentrant checkpoints)", False)
     cache_frozen: Optional[bool] = _help("cache the frozen prefix's outputs across epochs (needs the embeddings frozen; "
                                          "BERT-family encoders). Unset: the preset decides, and a preset that caches "
-                                         "does so only where the model, method and data allow it (null in the saved "
+                                         "does so only where the model, method and data allow it, on the CPU (null in the saved "
                                          "config; results.json's prefix_cache says what ran)")
     cache_budget_mb: int = _help("RAM for the frozen-prefix cache; beyond it the cache is a memory-mapped file", 1024)
     # -- processes --
