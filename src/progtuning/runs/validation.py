@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from progtuning.errors import ProgtuningError
+from progtuning.tasks.names import SQUAD_TASKS, check_task_name
 
 # Kept here (not imported) because their home modules import torch; a test checks they agree.
 ADAPTER_TYPES = ("houlsby", "pfeiffer")
@@ -73,6 +74,7 @@ def validate_values(config: Any) -> None:
     for name in ("task", "model", "output_dir", "text_column", "label_column"):
         if not str(getattr(config, name)).strip():
             raise ProgtuningError(f"{name} is empty: give a value (see `progtuning train --help`)")
+    check_task_name(config.task, getattr(config, "dataset", None), config.train_file)
 
     for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "doc_stride",
                  "logging_steps", "lora_r", "lora_alpha", "adapter_reduction_factor"):
@@ -114,9 +116,7 @@ def validate_values(config: Any) -> None:
     _check_publishing(config)
     if config.resume and config.overwrite:
         raise ProgtuningError("--resume continues the run in output_dir and --overwrite replaces it: pass only one")
-    from progtuning.tasks.squad import is_squad
-
-    if is_squad(config.task) and config.doc_stride >= config.max_length:
+    if str(config.task).lower() in SQUAD_TASKS and config.doc_stride >= config.max_length:
         raise ProgtuningError(f"doc_stride ({config.doc_stride}) must be smaller than max_length "
                               f"({config.max_length}): windows would not advance")
 

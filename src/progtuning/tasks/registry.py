@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from progtuning.errors import ProgtuningError
+from progtuning.tasks.names import unknown_task_error
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -72,11 +73,7 @@ def load_task(config: Any) -> tuple[Task, DatasetDict]:
     elif squad.is_squad(name):
         task, data = squad.squad_task(name), squad.load_squad(squad.SQUAD_TASKS[name.lower()], config.data_dir)
     else:
-        raise ProgtuningError(
-            f"unknown task {name!r}: use a built-in task ({', '.join(builtin.BUILTIN_TASKS + builtin_lm.BUILTIN_LM_TASKS)}), "
-            f"a GLUE task ({', '.join(glue.GLUE_TASKS)}), squad, squad_v2, 'files' with --train-file, "
-            "causal-lm / instruct with --train-file, or a hub dataset with --dataset NAME"
-        )
+        raise unknown_task_error(name)
     if not sampled:
         data = subsample_splits(data, config.max_train_examples, config.max_eval_examples, config.seed)
     task.check(data)
