@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from progtuning.errors import ProgtuningError
-from progtuning.tasks.names import SQUAD_TASKS, check_task_name
+from progtuning.tasks.names import check_task_name, is_squad
 
 # Kept here (not imported) because their home modules import torch; a test checks they agree.
 ADAPTER_TYPES = ("houlsby", "pfeiffer")
@@ -116,7 +116,7 @@ def validate_values(config: Any) -> None:
     _check_publishing(config)
     if config.resume and config.overwrite:
         raise ProgtuningError("--resume continues the run in output_dir and --overwrite replaces it: pass only one")
-    if str(config.task).lower() in SQUAD_TASKS and config.doc_stride >= config.max_length:
+    if is_squad(config.task) and config.doc_stride >= config.max_length:
         raise ProgtuningError(f"doc_stride ({config.doc_stride}) must be smaller than max_length "
                               f"({config.max_length}): windows would not advance")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 from progtuning.errors import ProgtuningError
 from progtuning.tasks.classification import ClassificationTask
 from progtuning.tasks.metrics import MetricFn, accuracy, f1_and_accuracy, matthews, pearson_and_spearmanr
+from progtuning.tasks.names import glue_key as _key
 from progtuning.tasks.regression import RegressionTask
 from progtuning.tasks.text import TextTask
 
@@ -133,10 +133,6 @@ GLUE_TASKS: dict[str, _GlueSpec] = {
         ),
     ]
 }
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())  # "SST-2", "sst_2", "sst2" -> "sst2"
 
 
 def _spec(name: str) -> _GlueSpec:

@@ -25,11 +25,15 @@ def glue_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())  # "SST-2", "sst_2", "sst2" -> "sst2"
 
 
+def is_squad(name: str) -> bool:
+    return str(name).lower() in SQUAD_TASKS
+
+
 def is_known_task(name: str, dataset: str | None = None, train_file: str | None = None) -> bool:
     """Whether some source serves ``name`` (a hub ``dataset`` or the user's ``train_file`` serve any)."""
     return bool(
         dataset or train_file or name == "files" or name in LM_FILE_TASKS or name in BUILTIN_LM_TASKS
-        or name in BUILTIN_TASKS or glue_key(name) in GLUE_TASKS or str(name).lower() in SQUAD_TASKS
+        or name in BUILTIN_TASKS or glue_key(name) in GLUE_TASKS or is_squad(name)
     )
 
 

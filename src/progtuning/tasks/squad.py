@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from progtuning.errors import ProgtuningError
+from progtuning.tasks.names import is_squad
 from progtuning.tasks.qa import ExtractiveQATask
 
 if TYPE_CHECKING:
@@ -146,10 +147,6 @@ def load_squad(
             for split, p in files.items()
         }
     )
-
-
-def is_squad(name: str) -> bool:
-    return name.lower() in SQUAD_TASKS
 
 
 def squad_task(name: str) -> ExtractiveQATask:
