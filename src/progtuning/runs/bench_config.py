@@ -84,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(BenchConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _TYPES[f.name]
-        # Optional[X] -> X; a tuple[str, ...] keeps its origin (its args are str and Ellipsis)
-        base = next(a for a in typing.get_args(kind) if a is not type(None)) if typing.get_origin(kind) is typing.Union else kind
+        base = kind
+        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X; tuple[str, ...] stays a tuple
+            base = next(a for a in typing.get_args(kind) if a is not type(None))
         help_text = f.metadata["help"]
         if base is bool and f.default:
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
