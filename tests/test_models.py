@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -133,11 +134,20 @@ def _fake_mpnet_parts(where: Path) -> bytes:
     return data
 
 
-def _hide_real_mpnet(monkeypatch):
+def _hide_real_mpnet(monkeypatch, fakes: Path | None = None):
+    """Look the mpnet parts up only in ``fakes`` (nowhere if None), never in the environment.
+
+    Where `make models-base` installed the real wheels, a real regular package would win over a
+    fake namespace portion on sys.path, and the test would join real slices with fake ones.
+    """
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda name, *a: None if "mpnet" in name else real(name, *a)
-    )
+
+    def find_spec(name, *args):
+        if "mpnet" not in name:
+            return real(name, *args)
+        return None if fakes is None else importlib.machinery.PathFinder.find_spec(name, [str(fakes)])
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
 
 
 def test_mpnet_missing_says_make_models_base(cache, monkeypatch):
@@ -150,7 +160,7 @@ def test_mpnet_missing_says_make_models_base(cache, monkeypatch):
 
 def test_mpnet_is_joined_and_unpacked_from_its_parts(cache, tmp_path, monkeypatch):
     _fake_mpnet_parts(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    _hide_real_mpnet(monkeypatch, fakes=tmp_path / "site")
     path = Path(resolve_model("mpnet-base"))
     assert path == cache / "models" / "mpnet-base"
     assert json.loads((path / "config.json").read_text()) == {"model_type": "mpnet"}
@@ -166,7 +176,7 @@ def test_fetch_mpnet_installs_the_five_wheels_with_this_python(cache, tmp_path, 
         _fake_mpnet_parts(tmp_path / "site")  # what pip install would have put on sys.path
         return type("Done", (), {"returncode": 0})()
 
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    _hide_real_mpnet(monkeypatch, fakes=tmp_path / "site")
     monkeypatch.setattr(models.subprocess, "run", fake_pip)
     path = fetch_model("mpnet-base")
     assert calls == [
