@@ -254,6 +254,25 @@ def test_off_when_frozen_blocks_keep_dropout_on():
     assert _switch(tiny_model("bert"), eval_frozen=False)["cache"] is True
 
 
+def test_off_where_untrained_embeddings_keep_their_dropout_on():
+    """LoRA-style: the method freezes the embeddings. With `embeddings: always` the schedule still
+    counts them as training, so the freezer leaves them in train mode, dropout on; states cached in
+    eval mode would train another model than the uncached run."""
+
+    def method_frozen_embeddings():
+        model = tiny_model("bert", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        model.bert.embeddings.requires_grad_(False)
+        return model
+
+    record = _switch(method_frozen_embeddings(), policy="always")
+    assert record["cache"] is False and "no parameter there" in record["reason"]
+    assert _switch(method_frozen_embeddings(), policy="never")["cache"] is True  # frozen in eval mode
+    # without dropout the embeddings' train mode is deterministic: nothing to refuse
+    plain = tiny_model("bert")
+    plain.bert.embeddings.requires_grad_(False)
+    assert _switch(plain, policy="always")["cache"] is True
+
+
 def test_off_with_random_inputs_or_dropped_index(caplog):
     from transformers import DataCollatorForLanguageModeling
 

@@ -146,4 +146,16 @@ class PrefixCacheCallback(TrainerCallback):
         prefix = [self.cache.prefix.embeddings, *self.cache.prefix.blocks[:level]]
         if not freezer.eval_frozen_blocks and _dropout_in(prefix):
             return "frozen blocks keep their dropout on (eval_frozen_blocks is off), so their output is random", False
+        # The freezer puts in eval mode only what the schedule freezes. A unit the schedule trains but the
+        # method gives no parameter to (the embeddings under LoRA with `embeddings: always`) keeps its
+        # dropout on without the cache; cached states, computed in eval mode, would change the run.
+        scheduled = freezer.schedule.stages[stage]
+        if freezer.eval_frozen_blocks and scheduled.train_embeddings and _dropout_in([self.cache.prefix.embeddings]):
+            return (
+                f"the schedule trains the embeddings in stage {stage} but the method has no parameter there, so they "
+                "keep their dropout on (--embeddings never freezes them in eval mode and lets the cache run)"
+            ), False
+        idle = [m for b, m in enumerate(self.cache.prefix.blocks[:level]) if b in scheduled.blocks]
+        if freezer.eval_frozen_blocks and _dropout_in(idle):
+            return f"a block the schedule trains in stage {stage} has no trainable parameter and keeps its dropout on", False
         return None, False
