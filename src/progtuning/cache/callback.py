@@ -157,5 +157,5 @@ class PrefixCacheCallback(TrainerCallback):
             ), False
         idle = [m for b, m in enumerate(self.cache.prefix.blocks[:level]) if b in scheduled.blocks]
         if freezer.eval_frozen_blocks and _dropout_in(idle):
-            return f"a block the schedule trains in stage {stage} has no trainable parameter and keeps its dropout on", False
+            return f"a block the schedule trains in stage {stage} has no trainable parameter and keeps dropout on", False
         return None, False

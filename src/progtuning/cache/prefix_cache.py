@@ -40,8 +40,9 @@ How it works
 When it turns itself off (with the reason, see :meth:`PrefixCacheCallback.records`): the
 embeddings train in the stage, no block is frozen yet, frozen blocks keep dropout on
 (``eval_frozen_blocks=False``), a prefix unit the schedule trains but the method does not keeps
-its dropout on (the embeddings under LoRA with ``embeddings="always"``), inputs are random (an MLM collator, a ``set_transform``
-dataset), several processes (DDP), or the batches carry no example index. Supported models:
+its dropout on (the embeddings under LoRA with ``embeddings="always"``), inputs are random (an
+MLM collator, a ``set_transform`` dataset), several processes (DDP), or the batches carry no
+example index. Supported models:
 BERT-family encoders (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, MPNet, DistilBERT), plain or
 wrapped by peft; others are refused with a one-line :class:`ProgtuningError`.
 
