@@ -143,19 +143,18 @@ class PrefixCacheCallback(TrainerCallback):
             )
         if level < self.min_blocks:
             return f"no block is frozen in stage {stage}", True
-        prefix = [self.cache.prefix.embeddings, *self.cache.prefix.blocks[:level]]
-        if not freezer.eval_frozen_blocks and _dropout_in(prefix):
+        # Cached states are computed in eval mode; a prefix unit the freezer leaves in train mode would
+        # draw dropout masks without the cache, so caching it would train another model.
+        in_eval = freezer.eval_units(stage)
+        prefix = [(EMBEDDINGS, self.cache.prefix.embeddings), *enumerate(self.cache.prefix.blocks[:level])]
+        live = {unit for unit, module in prefix if unit not in in_eval and _dropout_in([module])}
+        if live and not freezer.eval_frozen_blocks:
             return "frozen blocks keep their dropout on (eval_frozen_blocks is off), so their output is random", False
-        # The freezer puts in eval mode only what the schedule freezes. A unit the schedule trains but the
-        # method gives no parameter to (the embeddings under LoRA with `embeddings: always`) keeps its
-        # dropout on without the cache; cached states, computed in eval mode, would change the run.
-        scheduled = freezer.schedule.stages[stage]
-        if freezer.eval_frozen_blocks and scheduled.train_embeddings and _dropout_in([self.cache.prefix.embeddings]):
+        if EMBEDDINGS in live:
             return (
                 f"the schedule trains the embeddings in stage {stage} but the method has no parameter there, so they "
                 "keep their dropout on (--embeddings never freezes them in eval mode and lets the cache run)"
             ), False
-        idle = [m for b, m in enumerate(self.cache.prefix.blocks[:level]) if b in scheduled.blocks]
-        if freezer.eval_frozen_blocks and _dropout_in(idle):
+        if live:
             return f"a block the schedule trains in stage {stage} has no trainable parameter and keeps dropout on", False
         return None, False

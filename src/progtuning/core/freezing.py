@@ -177,15 +177,21 @@ class ProgressiveFreezer:
                 chosen.append((name, module))
         return [module for _, module in chosen]
 
+    def eval_units(self, stage: int | Stage) -> set[int | str]:
+        """The units (block indices, ``EMBEDDINGS``) held in eval mode during ``stage``: those the schedule
+        freezes, if ``eval_frozen_blocks``. A unit the schedule trains follows the model's mode, even where
+        the method gives it no parameter (the embeddings under LoRA with ``embeddings="always"``)."""
+        if not self.eval_frozen_blocks:
+            return set()
+        stage = self.schedule.stages[stage] if isinstance(stage, int) else stage
+        trained = set(stage.blocks) | ({EMBEDDINGS} if stage.train_embeddings else set())
+        return set(self._units) - trained
+
     def _set_modes(self, stage: Stage | None) -> None:
         """Frozen units run in eval mode; ``stage=None`` means everything trains again."""
         if not self.eval_frozen_blocks:
             return
-        if stage is None:
-            frozen: set[int | str] = set()
-        else:
-            trained = set(stage.blocks) | ({EMBEDDINGS} if stage.train_embeddings else set())
-            frozen = set(self._units) - trained
+        frozen = set() if stage is None else self.eval_units(stage)
         for unit in self._frozen_units - frozen:
             # A unit that trains again (growing schedules) follows the model's mode again.
             for module in self._units[unit]:
