@@ -179,6 +179,28 @@ def test_finished_runs_are_skipped_and_a_killed_sweep_continues(tmp_path):
     assert calls == []
 
 
+def test_an_arm_to_train_after_its_baseline_finished_is_noted(tmp_path):
+    variants = {"t2": {"stages": 2, "stage_unit": "fraction"},
+                "frozen-emb": {"baseline": True, "stages": 1, "embeddings": "never"},
+                "emb-never": {"embeddings": "never", "compare_with": "frozen-emb"}}
+    sweep = expand_sweep(_sweep(tmp_path, grid={"task": ["trec6"], "method": ["full"], "progtuning": [False, True],
+                                                "seed": [0]}, variants=variants))
+    lines: list[str] = []
+    first = Sweep(sweep.output_dir, 2, [r for r in sweep.runs if r.name.split("/")[2] in ("base", "prog")], sweep.source)
+    run_sweep(first, runner=fake_runner(), echo=lines.append)
+    assert not [line for line in lines if line.startswith("note:")]  # each arm beside its baseline
+    lines.clear()
+    run_sweep(sweep, runner=fake_runner(), echo=lines.append)
+    # prog-t2 will pair with a base from the first sitting; base-frozen-emb is a baseline itself, and
+    # prog-emb-never's baseline (base-frozen-emb) trains in this sitting too
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == [
+        "note: 1 of the runs to train will be timed against a baseline that already finished (e.g. "
+        "trec6/full/prog-t2/seed0 with base/seed0): their time ratios will pair two sittings; for a fair one, "
+        "train both again side by side (--output-dir NEW --only ...)"
+    ]
+
+
 def test_an_edited_yaml_is_not_met_by_runs_finished_with_the_old_settings(tmp_path):
     data = _sweep(tmp_path)
     run_sweep(expand_sweep(data), runner=fake_runner(), echo=lambda line: None)

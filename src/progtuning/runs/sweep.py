@@ -4,7 +4,8 @@
 
 Runs go in order seed → model → task → method → base, prog, variants: a sweep stopped early
 has whole seeds, and with ``parallel: 2`` a run's baseline and Progtuning twin train side by side,
-under the same load, which keeps their wall-time ratio fair.
+under the same load, which keeps their wall-time ratio fair. Where an arm is to train after its
+baseline finished (a resumed or extended sweep), the sweep says so before it starts.
 
 Each run is ``python -m progtuning train CONFIG`` in a fresh process (a crash or a leak ends
 with it); its resolved config and its log are kept in the run folder (``config.yaml``,
@@ -168,6 +169,14 @@ def run_sweep(
             f"sweep: {total} runs in {sweep.output_dir} ({finished} already finished, {len(todo)} to run, "
             f"{sweep.parallel} at a time)"
         )
+        unpaired = runs_without_their_baseline(todo)
+        if unpaired:
+            spec, baseline = unpaired[0]
+            echo(
+                f"note: {len(unpaired)} of the runs to train will be timed against a baseline that already finished "
+                f"(e.g. {spec.name} with {baseline.parent.name}/{baseline.name}): their time ratios will pair two "
+                "sittings; for a fair one, train both again side by side (--output-dir NEW --only ...)"
+            )
         outcomes = [RunOutcome(spec, True, 0.0, skipped=True) for spec in sweep.runs if spec.done]
         started = time.perf_counter()
         count = {"ended": 0, "failed": 0}
@@ -218,6 +227,22 @@ def run_sweep(
             + (": run the same command again to retry the failed ones" if count["failed"] else "")
         )
     return outcomes
+
+
+def runs_without_their_baseline(todo: list[RunSpec]) -> list[tuple[RunSpec, Path]]:
+    """The Progtuning runs about to train whose baseline's folder already holds results.
+
+    Such a run trains in another sitting than its baseline, under other load: on a shared or
+    hyperthreaded machine its paired time ratio then measures the sittings as much as the arm.
+    """
+    unpaired = []
+    for spec in todo:
+        if not spec.config.get("progtuning") or spec.config.get("variant_baseline"):
+            continue
+        baseline = spec.run_dir.parent.parent / (spec.config.get("compare_with") or "base") / spec.run_dir.name
+        if (baseline / RESULTS_FILE).is_file():
+            unpaired.append((spec, baseline))
+    return unpaired
 
 
 def check_finished_runs(sweep: Sweep) -> None:
