@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from progtuning.errors import ProgtuningError
-from progtuning.runs.results import CONFIG_FILE, LOG_FILE, RESULTS_FILE, SWEEP_DIR
+from progtuning.runs.results import CONFIG_FILE, LOG_FILE, RESULTS_FILE, SWEEP_DIR, run_mode
 from progtuning.runs.sweep_grid import RunSpec, Sweep
 
 
@@ -237,9 +237,10 @@ def runs_without_their_baseline(todo: list[RunSpec]) -> list[tuple[RunSpec, Path
     """
     unpaired = []
     for spec in todo:
-        if not spec.config.get("progtuning") or spec.config.get("variant_baseline"):
+        mode = run_mode(spec.config)
+        if mode["baseline"]:
             continue
-        baseline = spec.run_dir.parent.parent / (spec.config.get("compare_with") or "base") / spec.run_dir.name
+        baseline = spec.run_dir.parent.parent / mode["compared_with"] / spec.run_dir.name
         if (baseline / RESULTS_FILE).is_file():
             unpaired.append((spec, baseline))
     return unpaired
